@@ -1,0 +1,154 @@
+"""The `fleet-device` command: run the agent, or tell it the device is about to sleep."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+from . import __version__
+
+log = logging.getLogger("fleet_device")
+
+
+def _broker(url: str):
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{url!r}: the port is not a number") from None
+    return parts.hostname, port, parts.scheme == "mqtts"
+
+
+def _address(text: str):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+def _unit_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
+
+
+def _env(name, default=None):
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet-device", description="Fleet device agent.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the agent (MQTT link, release queue, local API)")
+    run.add_argument("--unit-id", type=_unit_id, default=_env("FLEET_UNIT_ID"), help="this device's unit id (FLEET_UNIT_ID)")
+    run.add_argument("--broker", type=_broker, default=_env("FLEET_BROKER_URL", "mqtt://127.0.0.1:1883"),
+                     help="mqtt://HOST:PORT or mqtts://HOST:PORT (FLEET_BROKER_URL)")
+    run.add_argument("--username", default=_env("FLEET_BROKER_USERNAME"), help="broker user (FLEET_BROKER_USERNAME)")
+    run.add_argument("--password", default=_env("FLEET_BROKER_PASSWORD"), help="broker password (FLEET_BROKER_PASSWORD)")
+    run.add_argument("--ca-file", default=_env("FLEET_BROKER_CA_FILE"), help="CA certificate for mqtts (FLEET_BROKER_CA_FILE)")
+    run.add_argument("--state-dir", type=Path, default=Path(_env("FLEET_STATE_DIR", "/var/lib/fleet-device")),
+                     help="where queued releases are kept (FLEET_STATE_DIR)")
+    run.add_argument("--api", type=_address, default=_env("FLEET_LOCAL_API", "127.0.0.1:9000"),
+                     help="local API address HOST:PORT (FLEET_LOCAL_API)")
+    run.add_argument("--minion-id-file", type=Path, default=Path(_env("FLEET_MINION_ID_FILE", "/etc/salt/minion_id")),
+                     help="file the unit id is written to (FLEET_MINION_ID_FILE)")
+    run.add_argument("--settle", type=float, default=float(_env("FLEET_SETTLE_SECONDS", "10")),
+                     help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
+
+    sleep = commands.add_parser("sleep", help="the device is about to sleep: apply queued releases first")
+    sleep.add_argument("--api", type=_address, default=_env("FLEET_LOCAL_API", "127.0.0.1:9000"),
+                       help="the agent's local API HOST:PORT (FLEET_LOCAL_API)")
+    sleep.add_argument("--budget", type=float, default=600.0, help="seconds to wait for the deploy (default 600)")
+    return parser
+
+
+def run(args) -> int:
+    from .agent import Agent, AgentConfig
+    from .local_api import LocalApi
+
+    if not args.unit_id:
+        print("fleet-device run: --unit-id (or FLEET_UNIT_ID) is required", file=sys.stderr)
+        return 2
+    host, port, tls = args.broker
+    config = AgentConfig(
+        unit_id=args.unit_id,
+        broker_host=host,
+        broker_port=port,
+        broker_tls=tls,
+        username=args.username,
+        password=args.password,
+        ca_file=args.ca_file,
+        state_dir=args.state_dir,
+        api_host=args.api[0],
+        api_port=args.api[1],
+        minion_id_file=args.minion_id_file,
+        settle_seconds=args.settle,
+    )
+    try:
+        agent = Agent(config)
+    except Exception as exc:  # the engine socket is missing, the state dir is not writable...
+        print(f"fleet-device run: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        api = LocalApi(agent, config.api_host, config.api_port)
+    except OSError as exc:
+        print(f"fleet-device run: cannot listen on {config.api_host}:{config.api_port}: {exc}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    agent.start()
+    api.start()
+    log.info("agent %s up: broker %s:%s, local API %s:%s, state %s", config.unit_id, host, port, *api.address,
+             config.state_dir)
+    done.wait()
+    api.stop()
+    agent.stop()
+    return 0
+
+
+def sleep(args) -> int:
+    base = f"http://{args.api[0]}:{args.api[1]}"
+    try:
+        unit_id = requests.get(base + "/", timeout=10).json()["unit_id"]
+        response = requests.post(
+            f"{base}/dongle/{unit_id}/execute/",
+            json={"command": "state.sls", "arg": ["docker.release"], "kwarg": {}},
+            timeout=args.budget,
+        )
+        result = response.json()
+    except requests.Timeout:
+        # The agent finishes a started deploy safely on its own; the device may sleep after it.
+        print(f"deploy still running after the {args.budget:.0f} s budget", file=sys.stderr)
+        return 1
+    except (requests.RequestException, ValueError, KeyError) as exc:
+        print(f"no agent answering at {base}: {exc}; nothing to apply", file=sys.stderr)
+        return 0
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("FLEET_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    return {"run": run, "sleep": sleep}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

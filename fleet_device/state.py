@@ -1,0 +1,111 @@
+"""The agent's durable state: queued and applied releases, written atomically to the state dir."""
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600):
+    """Write tmp, fsync, rename, fsync the directory: after a power loss the file is old or new, never torn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or unreadable (logged, never fatal)."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("ignoring unreadable state file %s: %s", path, exc)
+        return None
+
+
+class ReleaseQueue:
+    """Per project: the release message waiting to be applied, and the release last applied.
+
+    Layout: `<state_dir>/projects/<project_id>/queued.json` and `applied.json`.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir) / "projects"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, project_id: int, name: str) -> Path:
+        return self.root / str(int(project_id)) / name
+
+    def put(self, message: dict) -> bool:
+        """Queue a release message (a newer one replaces the queued one). False if nothing changed."""
+        project_id = message["project_id"]
+        with self._lock:
+            if self.queued(project_id) == message:
+                return False
+            if message["release"] is not None and _same_release(self.applied(project_id), message["release"]):
+                # Already running it: drop any older queued release, nothing to apply.
+                self._path(project_id, "queued.json").unlink(missing_ok=True)
+                return False
+            write_atomically(self._path(project_id, "queued.json"), json.dumps(message).encode())
+            return True
+
+    def queued(self, project_id: int) -> dict | None:
+        return read_json(self._path(project_id, "queued.json"))
+
+    def applied(self, project_id: int) -> dict | None:
+        return read_json(self._path(project_id, "applied.json"))
+
+    def pending(self) -> list[dict]:
+        """Every queued message, by project id."""
+        messages = []
+        for directory in sorted(self.root.iterdir(), key=lambda p: (len(p.name), p.name)):
+            message = read_json(directory / "queued.json")
+            if message is not None:
+                messages.append(message)
+        return messages
+
+    def mark_applied(self, message: dict, succeeded: bool):
+        """Record the outcome and drop the queued message, unless a newer one arrived meanwhile."""
+        project_id = message["project_id"]
+        with self._lock:
+            if succeeded:
+                applied = self._path(project_id, "applied.json")
+                if message["release"] is None:
+                    applied.unlink(missing_ok=True)
+                else:
+                    write_atomically(applied, json.dumps(message["release"]).encode())
+            if self.queued(project_id) == message:
+                self._path(project_id, "queued.json").unlink(missing_ok=True)
+
+    def applied_releases(self) -> dict[int, dict]:
+        result = {}
+        for directory in self.root.iterdir():
+            release = read_json(directory / "applied.json")
+            if release is not None and directory.name.isdigit():
+                result[int(directory.name)] = release
+        return result
+
+
+def _same_release(applied: dict | None, release: dict) -> bool:
+    return applied is not None and applied.get("id") == release["id"] and (
+        applied.get("version_hash") == release["version_hash"]
+    )

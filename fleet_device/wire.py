@@ -1,0 +1,226 @@
+"""The MQTT wire contract shared by the server and the device agent.
+
+Topic names, payload schemas and the protocol version are defined here once and
+imported by both sides, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = "fleet/v1/devices"
+SHARED_GROUP = "fleet-server"
+
+# Largest payload either side accepts; anything bigger is dropped unparsed.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+
+DEPLOYMENT_STATES = (
+    "queued",
+    "started",
+    "pulling",
+    "stopping",
+    "starting",
+    "verifying",
+    "succeeded",
+    "failed",
+    "rolled_back",
+)
+FINAL_DEPLOYMENT_STATES = ("succeeded", "failed", "rolled_back")
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire contract."""
+
+
+# --- Topics -----------------------------------------------------------------
+
+def device_topic(unit_id: str, kind: str) -> str:
+    return f"{TOPIC_ROOT}/{unit_id}/{kind}"
+
+
+def release_topic(unit_id: str, project_id: int) -> str:
+    return f"{TOPIC_ROOT}/{unit_id}/releases/{project_id}"
+
+
+def release_subscription(unit_id: str) -> str:
+    return f"{TOPIC_ROOT}/{unit_id}/releases/+"
+
+
+def shared_subscription(kind: str, group: str = SHARED_GROUP) -> str:
+    """The subscription every server process shares, so each report is handled once."""
+    return f"$share/{group}/{TOPIC_ROOT}/+/{kind}"
+
+
+_TOPIC = re.compile(
+    r"^" + re.escape(TOPIC_ROOT) + r"/(?P<unit_id>[0-9a-fA-F-]{36})/(?P<kind>[a-z]+)(?:/(?P<rest>[0-9]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    unit_id: str
+    kind: str
+    project_id: int | None = None
+
+
+def parse_topic(topic: str) -> DeviceTopic:
+    match = _TOPIC.match(topic)
+    if not match:
+        raise WireError(f"topic {topic!r} is not a device topic")
+    rest = match["rest"]
+    if match["kind"] == "releases":
+        if rest is None:
+            raise WireError(f"topic {topic!r} names no project")
+        return DeviceTopic(match["unit_id"].lower(), "releases", int(rest))
+    if rest is not None:
+        raise WireError(f"topic {topic!r} has an unexpected suffix")
+    return DeviceTopic(match["unit_id"].lower(), match["kind"])
+
+
+# --- Payloads ---------------------------------------------------------------
+
+class _Message(Schema):
+    """Every payload carries the protocol version it was written for."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    v = fields.Integer(required=True, validate=validate.Equal(PROTOCOL_VERSION))
+
+
+class StartupParametersSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    environment = fields.String(load_default="")
+    binds = fields.List(fields.String(), load_default=list)
+    network_mode = fields.String(load_default=None, allow_none=True)
+    restart_policy = fields.String(load_default=None, allow_none=True)
+    privileged = fields.Boolean(load_default=False)
+
+
+class RegistryCredentialsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.Integer(required=True)
+    url = fields.String(required=True)
+    username = fields.String(load_default="")
+    password = fields.String(load_default="")
+
+
+class ContainerSpecSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    name = fields.String(required=True, validate=validate.Length(min=1))
+    image = fields.String(required=True, validate=validate.Length(min=1))
+    tag = fields.String(required=True, validate=validate.Length(min=1))
+    required_tags = fields.List(fields.String(), load_default=list)
+    startup_parameters = fields.Nested(StartupParametersSchema, load_default=dict)
+    purge_data = fields.Boolean(load_default=False)
+    registry = fields.Integer(load_default=None, allow_none=True)
+    fully_qualified_name = fields.String(required=True, validate=validate.Length(min=1))
+
+
+class ReleaseSpecSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.Integer(required=True)
+    version = fields.String(required=True)
+    version_hash = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{8}$"))
+    containers = fields.List(fields.Nested(ContainerSpecSchema), required=True)
+    remove_containers = fields.List(fields.String(), load_default=list)
+
+
+class ReleaseMessageSchema(_Message):
+    """server → device, retained: the device's active release of one project.
+
+    `release` is null in a tombstone: the project has nothing on this device any more.
+    """
+
+    project_id = fields.Integer(required=True)
+    release = fields.Nested(ReleaseSpecSchema, required=True, allow_none=True)
+    registries = fields.List(fields.Nested(RegistryCredentialsSchema), load_default=list)
+
+
+class DeploymentReportSchema(_Message):
+    """device → server: progress of one release on the reporting device."""
+
+    project_id = fields.Integer(required=True)
+    release_id = fields.Integer(required=True)
+    version_hash = fields.String(load_default=None, allow_none=True)
+    state = fields.String(required=True, validate=validate.OneOf(DEPLOYMENT_STATES))
+    step = fields.String(load_default=None, allow_none=True)
+    detail = fields.String(load_default="", validate=validate.Length(max=4000))
+    ts = fields.Float(required=True)
+
+
+class StatusSchema(_Message):
+    """device → server, retained with a last will: is the agent online."""
+
+    state = fields.String(required=True, validate=validate.OneOf(("online", "offline")))
+    agent_version = fields.String(load_default=None, allow_none=True)
+    ts = fields.Float(load_default=None, allow_none=True)
+
+
+def encode(schema: Schema, message: dict) -> bytes:
+    """Serialise a payload after checking it against its schema."""
+    body = {"v": PROTOCOL_VERSION, **message}
+    errors = schema.validate(body)
+    if errors:
+        raise WireError(f"outgoing {type(schema).__name__} is invalid: {errors}")
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(schema: Schema, payload: bytes) -> dict:
+    """Parse and validate a payload; WireError names what is wrong."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        document = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"payload is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise WireError("payload is not a JSON object")
+    try:
+        return schema.load(document)
+    except ValidationError as exc:
+        raise WireError(f"payload is invalid: {exc.messages}") from None
+    except RecursionError:
+        raise WireError("payload is nested too deeply") from None
+
+
+release_message = ReleaseMessageSchema()
+deployment_report = DeploymentReportSchema()
+status_message = StatusSchema()
+
+
+# --- Container parameters both sides interpret the same way -----------------
+
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def parse_environment(text: str) -> dict[str, str]:
+    """Parse the seed's environment string (`KEY='value' OTHER=x`) shell-style.
+
+    Raises WireError naming the first word that is not KEY=VALUE.
+    """
+    import shlex
+
+    try:
+        words = shlex.split(text or "")
+    except ValueError as exc:
+        raise WireError(f"environment cannot be parsed: {exc}") from None
+    environment = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not _ENV_KEY.match(key):
+            raise WireError(f"environment entry {word!r} is not KEY=VALUE")
+        environment[key] = value
+    return environment

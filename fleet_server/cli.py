@@ -1,0 +1,142 @@
+"""The `fleet-server` command: serve the API, run the ingest worker, manage tokens and devices."""
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+
+import click
+from flask import current_app
+from flask.cli import FlaskGroup, with_appcontext
+
+from .config import ConfigError
+
+
+def _create_app():
+    from .app import create_app
+
+    try:
+        return create_app()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+@click.group(cls=FlaskGroup, create_app=_create_app, add_version_option=False, load_dotenv=False)
+def main():
+    """Fleet server: REST API, MQTT ingest worker and administration.
+
+    Configuration comes from FLEET_* environment variables (FLEET_DATABASE_URL,
+    FLEET_MQTT_URL, FLEET_MQTT_USERNAME, FLEET_MQTT_PASSWORD, FLEET_VAR_DIR).
+    """
+    logging.basicConfig(level=os.environ.get("FLEET_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _iso8601(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@main.group()
+def tokens():
+    """Create, list and revoke API tokens."""
+
+
+@tokens.command("create")
+@click.option("--name", required=True, help="What the token is for.")
+@click.option("--expires", callback=_iso8601, help="ISO 8601 expiry, e.g. 2027-01-01T00:00:00Z.")
+@click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), default="admin", show_default=True)
+@with_appcontext
+def tokens_create(name, expires, role):
+    """Create a token and print its value (shown only this once)."""
+    from .tokens import service
+
+    _token, value = service.create(name, expires, role)
+    click.echo(value)
+
+
+@tokens.command("list")
+@with_appcontext
+def tokens_list():
+    """List tokens (never their values)."""
+    from .tokens import service
+
+    for token in service.list_tokens():
+        state = "revoked" if token.revoked_at else "active"
+        expires = token.expires_at.isoformat() if token.expires_at else "never"
+        click.echo(f"{token.id}\t{token.name}\t{token.role}\t{state}\texpires={expires}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id", type=int)
+@with_appcontext
+def tokens_revoke(token_id):
+    """Revoke a token at once."""
+    from .tokens import service
+
+    if service.revoke(token_id) is None:
+        raise click.ClickException(f"token {token_id} does not exist")
+    click.echo(f"revoked token {token_id}")
+
+
+@main.group()
+def devices():
+    """Register devices from the command line."""
+
+
+@devices.command("create")
+@click.option("--name", default="", help="A name for people.")
+@click.option("--unit-id", default=None, help="The unit id the agent uses (a UUID); generated when omitted.")
+@click.option("--if-missing", is_flag=True, help="Succeed quietly when the unit id is already registered.")
+@with_appcontext
+def devices_create(name, unit_id, if_missing):
+    """Register a device and print `id unit_id`."""
+    import uuid
+
+    from .devices import service
+    from .errors import Conflict
+
+    try:
+        unit = uuid.UUID(unit_id) if unit_id else None
+    except ValueError:
+        raise click.BadParameter(f"{unit_id!r} is not a UUID", param_hint="--unit-id") from None
+    try:
+        device = service.create_device({"name": name, "unit_id": unit})
+    except Conflict:
+        if not if_missing:
+            raise click.ClickException(f"unit id {unit_id} is already registered") from None
+        device = service.device_by_unit_id(str(unit))
+    click.echo(f"{device.id} {device.unit_id}")
+
+
+@main.command()
+@click.option("--worker-id", default=None, help="Stable id of this worker (keeps its broker session).")
+@with_appcontext
+def worker(worker_id):
+    """Consume device reports and publish pending releases."""
+    from .worker import run_worker
+
+    run_worker(current_app._get_current_object(), worker_id)
+
+
+@main.command()
+@click.option("--bind", default="127.0.0.1:8000", show_default=True)
+@click.option("--workers", default=2, show_default=True, type=int)
+def serve(bind, workers):
+    """Serve the REST API with gunicorn."""
+    os.execvp(
+        sys.executable,
+        [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers), "--access-logfile", "-",
+         "fleet_server.app:create_app()"],
+    )
+
+
+@main.command()
+def devstack():
+    """Run the whole product on this machine: broker, server, worker and a local device agent."""
+    from .devstack import run
+
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""Devices: the fleet's members, each known by id and by the unit_id it uses on the wire."""

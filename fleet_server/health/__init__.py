@@ -1,0 +1,1 @@
+"""Liveness and readiness, the one endpoint without a token."""

@@ -1,0 +1,163 @@
+"""Database models: projects, releases and their containers, devices, deployments, tokens."""
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, ForeignKey, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from .extensions import db
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(db.TypeDecorator):
+    """Timestamps stored naive in UTC and handed back timezone-aware, on every database."""
+
+    impl = db.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=timezone.utc) if value is not None else None
+
+
+release_devices = db.Table(
+    "release_device",
+    db.Column("release_id", db.Integer, db.ForeignKey("release.id", ondelete="CASCADE"), primary_key=True),
+    db.Column("device_id", db.String(36), db.ForeignKey("device.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Registry(db.Model):
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(db.String(200))
+    url: Mapped[str] = mapped_column(db.String(500))
+    username: Mapped[str] = mapped_column(db.String(200), default="")
+    password_encrypted: Mapped[str] = mapped_column(db.Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Project(db.Model):
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(db.String(200))
+    description: Mapped[str] = mapped_column(db.Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    releases: Mapped[list["Release"]] = relationship(
+        back_populates="project", cascade="all, delete-orphan", order_by="Release.id"
+    )
+
+
+class Device(db.Model):
+    id: Mapped[str] = mapped_column(db.String(36), primary_key=True, default=new_uuid)
+    unit_id: Mapped[str] = mapped_column(db.String(36), unique=True, default=new_uuid)
+    name: Mapped[str] = mapped_column(db.String(200), default="")
+    description: Mapped[str] = mapped_column(db.Text, default="")
+    tags: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    online: Mapped[bool] = mapped_column(default=False)
+    agent_version: Mapped[str | None] = mapped_column(db.String(50))
+
+    deployments: Mapped[list["Deployment"]] = relationship(back_populates="device", cascade="all, delete-orphan")
+
+    @property
+    def docker_releases(self) -> list[int]:
+        """Ids of the releases this device reports as successfully deployed and running."""
+        return sorted(d.release_id for d in self.deployments if d.state == "succeeded")
+
+
+class Release(db.Model):
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    version: Mapped[str] = mapped_column(db.String(100))
+    version_hash: Mapped[str] = mapped_column(db.String(8), index=True)
+    remove_containers: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="releases")
+    containers: Mapped[list["ReleaseContainer"]] = relationship(
+        back_populates="release", cascade="all, delete-orphan", order_by="ReleaseContainer.position"
+    )
+    devices: Mapped[list[Device]] = relationship(secondary=release_devices, order_by=Device.id)
+    deployments: Mapped[list["Deployment"]] = relationship(back_populates="release", cascade="all, delete-orphan")
+
+    @property
+    def device_ids(self) -> list[str]:
+        return [d.id for d in self.devices]
+
+    @property
+    def successful_deployments(self) -> list[str]:
+        return sorted(d.device_id for d in self.deployments if d.state == "succeeded")
+
+
+class ReleaseContainer(db.Model):
+    id: Mapped[int] = mapped_column(primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("release.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(default=0)
+    name: Mapped[str] = mapped_column(db.String(128))
+    image: Mapped[str] = mapped_column(db.String(255))
+    tag: Mapped[str] = mapped_column(db.String(128))
+    required_tags: Mapped[list] = mapped_column(JSON, default=list)
+    startup_parameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    purge_data: Mapped[bool] = mapped_column(default=False)
+    registry_id: Mapped[int | None] = mapped_column(ForeignKey("registry.id"))
+
+    release: Mapped[Release] = relationship(back_populates="containers")
+
+    @property
+    def fully_qualified_name(self) -> str:
+        # Stable across releases of a project, so a new release replaces the container in place.
+        return f"deployment-{self.name}-{self.release.project_id}"
+
+
+class Deployment(db.Model):
+    """The latest reported state of one release on one device."""
+
+    __table_args__ = (UniqueConstraint("release_id", "device_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("release.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(db.String(20))
+    step: Mapped[str | None] = mapped_column(db.String(50))
+    detail: Mapped[str] = mapped_column(db.Text, default="")
+    reported_at: Mapped[float] = mapped_column(db.Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    release: Mapped[Release] = relationship(back_populates="deployments")
+    device: Mapped[Device] = relationship(back_populates="deployments")
+
+
+class ApiToken(db.Model):
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(db.String(200))
+    token_hash: Mapped[str] = mapped_column(db.String(64), unique=True)
+    role: Mapped[str] = mapped_column(db.String(20), default="admin")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Publication(db.Model):
+    """Outbox: a device's retained release topic of a project that must be (re)published.
+
+    Written in the same transaction as the change that causes it, so a broker outage
+    delays a publication but never loses it. The document is computed when the row is
+    flushed, so a flush always sends the current state.
+    """
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    unit_id: Mapped[str] = mapped_column(db.String(36), index=True)
+    project_id: Mapped[int] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

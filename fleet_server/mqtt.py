@@ -1,0 +1,115 @@
+"""The server's MQTT link: one paho client per process, connected lazily."""
+import logging
+import os
+import random
+import socket
+import threading
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from .config import mqtt_endpoint
+
+log = logging.getLogger(__name__)
+
+
+def _nodelay(client, userdata, sock):
+    # Without it a QoS 1 round trip waits on Nagle's algorithm for tens of milliseconds.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def make_client(config, client_id, *, persistent=False, manual_ack=False) -> paho.Client:
+    """A paho MQTT v5 client configured from the app config, not yet connected."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    client.on_socket_open = _nodelay
+    if config.get("FLEET_MQTT_USERNAME"):
+        client.username_pw_set(config["FLEET_MQTT_USERNAME"], config.get("FLEET_MQTT_PASSWORD"))
+    host, port, tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
+    if tls:
+        client.tls_set(ca_certs=config.get("FLEET_MQTT_CA_FILE"))
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.user_data_set({"host": host, "port": port, "persistent": persistent})
+    return client
+
+
+def connect(client: paho.Client, *, session_expiry: int = 0):
+    """Start connecting in the background; paho reconnects on its own afterwards."""
+    target = client.user_data_get()
+    properties = Properties(PacketTypes.CONNECT)
+    if session_expiry:
+        properties.SessionExpiryInterval = session_expiry
+    client.connect_async(
+        target["host"], target["port"], keepalive=30, clean_start=not target["persistent"], properties=properties
+    )
+    client.loop_start()
+
+
+def process_client_id(role: str) -> str:
+    return f"fleet-{role}-{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}"
+
+
+class Publisher:
+    """Publishes from a web process. Lazily connected after the process forks."""
+
+    def __init__(self, config):
+        self._config = config
+        self._client = None
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._waited = False
+
+    def _ensure_client(self):
+        with self._lock:
+            if self._client is None:
+                client = make_client(self._config, process_client_id("api"))
+                client.on_connect = lambda c, u, f, rc, p: rc.is_failure or self._connected.set()
+                client.on_disconnect = lambda c, u, f, rc, p: self._connected.clear()
+                connect(client)
+                self._client = client
+        return self._client
+
+    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None) -> bool:
+        """Publish and wait for the broker's acknowledgement; False if it did not come."""
+        timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
+        client = self._ensure_client()
+        # Only the first publication waits for the connection; later ones fail fast while
+        # the broker is away and leave their rows in the outbox.
+        connect_wait, self._waited = (0 if self._waited else min(timeout, 3.0)), True
+        if not self._connected.wait(connect_wait):
+            log.warning("broker not reachable; publication left in the outbox topic=%s", topic)
+            return False
+        return publish_and_wait(client, topic, payload, retain=retain, qos=qos, timeout=timeout)
+
+    def close(self):
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+
+def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0) -> bool:
+    if not client.is_connected():
+        return False
+    info = client.publish(topic, payload, qos=qos, retain=retain)
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError) as exc:
+        log.warning("publish failed topic=%s error=%s", topic, exc)
+        return False
+    return info.is_published()
+
+
+def publisher_for(app) -> Publisher:
+    publisher = app.extensions.get("fleet_publisher")
+    if publisher is None:
+        publisher = app.extensions["fleet_publisher"] = Publisher(app.config)
+    return publisher

@@ -1,0 +1,1 @@
+"""Projects: the wrapper that groups a product's releases."""

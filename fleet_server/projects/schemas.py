@@ -1,0 +1,15 @@
+"""Project payloads."""
+from marshmallow import fields, validate
+
+from ..pagination import page_schema
+from ..schemas import StrictSchema
+
+
+class ProjectSchema(StrictSchema):
+    id = fields.Integer(dump_only=True)
+    name = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    description = fields.String(load_default="", validate=validate.Length(max=10000))
+    created_at = fields.DateTime(dump_only=True)
+
+
+ProjectPage = page_schema(ProjectSchema, "ProjectPage")

@@ -1,0 +1,1 @@
+"""Releases: what a project's devices must run, version by version."""

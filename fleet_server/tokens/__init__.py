@@ -1,0 +1,1 @@
+"""API tokens: created once, shown once, stored as a hash."""
