@@ -69,6 +69,9 @@ class Agent:
         self.connected = threading.Event()
         self.apply_lock = threading.Lock()
         self.rejected = 0
+        # Topic kind → handler(where, message). Each feature adds its own entry.
+        self.handlers = {"releases": self._handle_release}
+        self.subscriptions = [wire.release_subscription(self.unit_id)]
         self.client = self._make_client()
 
     # --- MQTT -------------------------------------------------------------------
@@ -104,7 +107,7 @@ class Agent:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.connected.set()
-        client.subscribe(wire.release_subscription(self.unit_id), qos=1)
+        client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
         log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
 
@@ -149,12 +152,10 @@ class Agent:
     def _handle(self, message):
         try:
             where = wire.parse_topic(message.topic)
-            if where.unit_id != self.unit_id or where.kind != "releases":
-                raise wire.WireError(f"not a release topic of this device: {message.topic}")
-            if message.payload == b"":
-                log.info("release topic of project %s cleared", where.project_id)
-            else:
-                self._receive_release(where.project_id, wire.decode(wire.release_message, message.payload))
+            handler = self.handlers.get(where.kind) if where.unit_id == self.unit_id else None
+            if handler is None:
+                raise wire.WireError(f"not a topic this device handles: {message.topic}")
+            handler(where, message)
         except wire.WireError as exc:
             self.rejected += 1
             log.warning("rejected message topic=%s reason=%s", message.topic, exc)
@@ -164,6 +165,12 @@ class Agent:
         # Acknowledge only now: the release is on disk (or the message is worthless).
         if message.qos > 0:
             self.client.ack(message.mid, message.qos)
+
+    def _handle_release(self, where: wire.DeviceTopic, message):
+        if message.payload == b"":
+            log.info("release topic of project %s cleared", where.project_id)
+            return
+        self._receive_release(where.project_id, wire.decode(wire.release_message, message.payload))
 
     def _receive_release(self, project_id: int, message: dict):
         if message["project_id"] != project_id:

@@ -1,4 +1,8 @@
-"""The agent's local HTTP API (127.0.0.1:9000 by default) for programs on the device."""
+"""The agent's local HTTP API (127.0.0.1:9000 by default) for programs on the device.
+
+Routes live in one table (`ROUTES`): a method, a path pattern and a function
+`(agent, body, **path_parts) -> (status, json_body)`.
+"""
 from __future__ import annotations
 
 import json
@@ -12,8 +16,44 @@ from .commands import CommandError, execute
 
 log = logging.getLogger(__name__)
 
-_EXECUTE = re.compile(r"^/dongle/(?P<unit_id>[^/]+)/execute/?$")
 MAX_BODY = 1024 * 1024
+ROUTES: list[tuple[str, re.Pattern, callable]] = []
+
+
+class LocalApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def route(method: str, pattern: str):
+    def register(function):
+        ROUTES.append((method, re.compile(f"^{pattern}$"), function))
+        return function
+
+    return register
+
+
+@route("GET", r"/?")
+def identity(agent, body):
+    return 200, {"unit_id": agent.unit_id}
+
+
+@route("POST", r"/dongle/(?P<unit_id>[^/]+)/execute/?")
+def execute_command(agent, body, unit_id):
+    if unit_id.lower() != agent.unit_id:
+        raise LocalApiError(401, "this request is meant for another device")
+    if not isinstance(body, dict) or not isinstance(body.get("command"), str):
+        raise LocalApiError(400, "command: a command name is required")
+    try:
+        value = execute(agent, body["command"], body.get("arg", []), body.get("kwarg", {}))
+    except CommandError as exc:
+        return 200, {"state": "failed", "error": str(exc)}
+    except Exception as exc:
+        log.exception("command %s failed", body["command"])
+        return 200, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    return 200, {"state": "succeeded", "return": value}
 
 
 class LocalApi:
@@ -50,34 +90,38 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str):
         self._send(status, {"code": status, "status": HTTPStatus(status).phrase, "message": message})
 
-    def do_GET(self):
-        if self.path.split("?")[0] in ("", "/"):
-            return self._send(200, {"unit_id": self.agent.unit_id})
-        self._error(404, f"no such path {self.path}")
-
-    def do_POST(self):
-        match = _EXECUTE.match(self.path.split("?")[0])
-        if not match:
-            return self._error(404, f"no such path {self.path}")
-        if match["unit_id"].lower() != self.agent.unit_id:
-            return self._error(401, "this request is meant for another device")
+    def _body(self):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            return self._error(400, "Content-Length is not a number")
+            raise LocalApiError(400, "Content-Length is not a number") from None
         if length > MAX_BODY:
-            return self._error(413, f"body larger than {MAX_BODY} bytes")
+            raise LocalApiError(413, f"body larger than {MAX_BODY} bytes")
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return None
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            return json.loads(raw)
         except ValueError:
-            return self._error(400, "body is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("command"), str):
-            return self._error(400, "command: a command name is required")
-        try:
-            value = execute(self.agent, body["command"], body.get("arg", []), body.get("kwarg", {}))
-        except CommandError as exc:
-            return self._send(200, {"state": "failed", "error": str(exc)})
-        except Exception as exc:
-            log.exception("command %s failed", body["command"])
-            return self._send(200, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"})
-        self._send(200, {"state": "succeeded", "return": value})
+            raise LocalApiError(400, "body is not JSON") from None
+
+    def _dispatch(self, method: str):
+        path = self.path.split("?", 1)[0]
+        matches = [(m, p, f) for m, p, f in ROUTES if p.match(path)]
+        if not matches:
+            return self._error(404, f"no such path {path}")
+        for route_method, pattern, function in matches:
+            if route_method == method:
+                try:
+                    body = self._body() if method == "POST" else None
+                    status, reply = function(self.agent, body, **pattern.match(path).groupdict())
+                except LocalApiError as exc:
+                    return self._error(exc.status, exc.message)
+                return self._send(status, reply)
+        self._error(405, f"{method} is not allowed on {path}")
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")

@@ -24,7 +24,6 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tarfile  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
@@ -245,8 +244,10 @@ def build_busybox_variant(
     is a shell command, "NONE", or a mapping (see _healthcheck_instruction).
     Each call makes an image with its own ID (a label records a nonce), so
     two "releases" built alike are still told apart by the engine, while the
-    filesystem layer stays shared. The engine accepts HEALTHCHECK as an import
-    change, so no Dockerfile build is needed.
+    filesystem layer stays shared. The engine accepts HEALTHCHECK as an
+    import change, so no Dockerfile build is needed. The image carries this
+    session's label, so the end-of-session sweep removes it even when a
+    container outside the test's names still held it as its tags went.
     """
     ensure_busybox_image(client)
     if cmd is None:
@@ -256,7 +257,10 @@ def build_busybox_variant(
         changes.append(f"ENV {key}={json.dumps(str(value))}")
     if healthcheck is not None:
         changes.append(_healthcheck_instruction(healthcheck))
-    changes.append(f"LABEL fleet.test.variant={json.dumps(ref)} fleet.test.nonce={_short_id()}")
+    changes.append(
+        f"LABEL fleet.test.variant={json.dumps(ref)} fleet.test.nonce={_short_id()} "
+        f"{SESSION_LABEL}={SESSION_ID}"
+    )
     _import_busybox(client, ref, changes)
     return ref
 
@@ -603,6 +607,14 @@ def remove_containers(client: docker.DockerClient, keep: Callable[[Mapping[str, 
     return removed
 
 
+def prune_session_images(client: docker.DockerClient) -> None:
+    """Delete this session's images that lost all their tags and no container uses."""
+    try:
+        client.images.prune(filters={"dangling": True, "label": f"{SESSION_LABEL}={SESSION_ID}"})
+    except docker.errors.APIError as exc:
+        log.warning("could not prune this session's untagged images: %s", exc)
+
+
 def remove_image_tags(client: docker.DockerClient, matches: Callable[[str], bool]) -> list[str]:
     """Remove every local image tag for which matches(tag) is true; return the tags removed."""
     removed = []
@@ -654,6 +666,7 @@ class UniqueNames:
         images = remove_image_tags(
             client, lambda tag: self.owns(_split_ref(tag)[0].rsplit("/", 1)[-1])
         )
+        prune_session_images(client)
         if containers or images:
             log.info("removed containers=%s images=%s", containers, images)
 
@@ -662,8 +675,8 @@ class UniqueNames:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _sweep_session_containers() -> Iterator[None]:
-    """At session end, force-remove leftover containers that this session created, and only those."""
+def _sweep_session_leftovers() -> Iterator[None]:
+    """At session end, force-remove leftover containers and images that this session created, and only those."""
     yield
     if not (_session_used_engine or _session_names):
         return
@@ -681,6 +694,11 @@ def _sweep_session_containers() -> Iterator[None]:
             return not (name.startswith(NAME_PREFIX) and ours)
 
         removed = remove_containers(client, created_elsewhere, NAME_PREFIX)
+        # Images built this session: those a test forgot, and those whose tags
+        # were removed while some container still used them (left untagged).
+        for image in client.api.images(filters={"label": f"{SESSION_LABEL}={SESSION_ID}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                client.api.remove_image(image["Id"], force=True)
     finally:
         client.close()
     if removed:

@@ -176,7 +176,7 @@ def remove_agent_containers(docker_client, unit_ids):
 def stack(broker, docker_client, tmp_path):
     """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database."""
     env = server_env(tmp_path, broker.url)
-    _run(_command("fleet-server") + ["db", "upgrade"], env)
+    _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
     token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
     port = free_port()
     running = Stack(f"http://127.0.0.1:{port}", token, env, tmp_path, broker.url)
@@ -212,7 +212,7 @@ def app(tmp_path):
         }
     )
     with application.app_context():
-        upgrade(directory=application.config["MIGRATIONS_DIR"])
+        upgrade(directory=application.config["MIGRATIONS_DIR"], revision="heads")
     yield application
     publisher = application.extensions.get("fleet_publisher")
     if publisher is not None:
