@@ -25,7 +25,7 @@ class Projects(MethodView):
         return service.create_project(data)
 
 
-@blp.route("/<int:project_id>/")
+@blp.route("/<int(max=2147483647):project_id>/")
 class ProjectItem(MethodView):
     @blp.response(200, ProjectSchema)
     def get(self, project_id):

@@ -8,7 +8,10 @@ from ..schemas import StrictSchema
 
 
 def _check_url(value: str):
-    parts = urlsplit(value if "://" in value else f"//{value}")
+    try:
+        parts = urlsplit(value if "://" in value else f"//{value}")
+    except ValueError as exc:  # e.g. an unbalanced "[" of an IPv6 address
+        raise ValidationError(f"not a URL: {exc}") from None
     if parts.scheme not in ("", "http", "https") or not parts.hostname:
         raise ValidationError("expected HOST[:PORT] or http(s)://HOST[:PORT][/PATH]")
     try:

@@ -30,7 +30,7 @@ class Registries(MethodView):
         return service.create_registry(data)
 
 
-@blp.route("/<int:registry_id>/")
+@blp.route("/<int(max=2147483647):registry_id>/")
 class RegistryItem(MethodView):
     @blp.response(200, RegistrySchema)
     def get(self, registry_id):

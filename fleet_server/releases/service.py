@@ -7,6 +7,7 @@ device gets its now-active release of the project, or a tombstone when none is l
 import hashlib
 import json
 import logging
+import re
 
 from .. import outbox
 from ..errors import FleetError, NotFound
@@ -15,6 +16,7 @@ from ..models import Device, Project, Registry, Release, ReleaseContainer, relea
 
 log = logging.getLogger(__name__)
 
+_VERSION_HASH = re.compile(r"^[0-9a-fA-F]{8}$")
 CONTENT_FIELDS = ("version", "device_ids", "containers", "remove_containers")
 
 
@@ -206,6 +208,8 @@ def get_release(project_id: int, release_id: int) -> Release:
 
 def release_by_hash(project_id: int, version_hash: str) -> Release:
     """The newest release of the project with this version_hash (identical content hashes alike)."""
+    if not _VERSION_HASH.match(version_hash):
+        raise NotFound(f"{version_hash!r} is not a version_hash (8 hex digits)")
     release = db.session.scalar(
         db.select(Release).filter_by(project_id=project_id, version_hash=version_hash.lower())
         .order_by(Release.id.desc()).limit(1)

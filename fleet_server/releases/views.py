@@ -10,7 +10,7 @@ from .schemas import SEED_EXAMPLE, ReleaseListArgs, ReleasePage, ReleasePatchSch
 blp = Blueprint(
     "releases",
     __name__,
-    url_prefix="/docker/projects/<int:project_pk>/releases",
+    url_prefix="/docker/projects/<int(max=2147483647):project_pk>/releases",
     description="Releases: the containers a project's devices must run. Every change is published to the "
     "affected devices at once (retained), or queued until the broker is back.",
 )
@@ -33,7 +33,7 @@ class Releases(MethodView):
         return service.create_release(get_project(project_pk), data)
 
 
-@blp.route("/<int:release_id>/")
+@blp.route("/<int(max=2147483647):release_id>/")
 class ReleaseItem(MethodView):
     @blp.response(200, ReleaseSchema)
     def get(self, project_pk, release_id):

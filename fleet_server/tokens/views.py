@@ -31,7 +31,7 @@ class Tokens(MethodView):
         return token
 
 
-@blp.route("/<int:token_id>/")
+@blp.route("/<int(max=2147483647):token_id>/")
 class TokenItem(MethodView):
     @blp.response(200, TokenSchema)
     def get(self, token_id):
