@@ -7,6 +7,7 @@ from sqlalchemy import event
 
 from . import __version__, config as fleet_config, extensions
 from .errors import register_error_handlers
+from .http_security import register_security_headers
 
 
 def create_app(config=None) -> Flask:
@@ -36,6 +37,7 @@ def create_app(config=None) -> Flask:
     _configure_sqlite(app)
     register_blueprints(app)
     register_error_handlers(app)
+    register_security_headers(app)
     return app
 
 
@@ -59,7 +61,8 @@ def register_blueprints(app):
     from .devices.views import blp as devices
     from .health.views import blp as health
     from .projects.views import blp as projects
+    from .provisioning.views import blp as provisioning, register_blp as register
     from .releases.views import blp as releases
 
-    for blueprint in (health, projects, releases, devices):
+    for blueprint in (health, projects, releases, devices, provisioning, register):
         extensions.api.register_blueprint(blueprint)

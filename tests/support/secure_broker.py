@@ -46,7 +46,7 @@ class SecuredBroker:
             "FLEET_DYNSEC_USERNAME": self.admin[0],
             "FLEET_DYNSEC_PASSWORD": self.admin[1],
             "FLEET_DEVICE_BROKER_URL": self.tls_url,
-            "FLEET_BROKER_CA_FILE": str(self.ca_file),
+            "FLEET_DEVICE_BROKER_CA_FILE": str(self.ca_file),
         }
 
     def log(self) -> str:
