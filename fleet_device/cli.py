@@ -139,7 +139,7 @@ def run(args) -> int:
             check_broker_certificate(host, port, args.ca_file)
         except ssl.SSLCertVerificationError as exc:
             print(f"fleet-device run: the broker at {host}:{port} presented a certificate that "
-                  f"{args.ca_file or 'the system CA store'} does not trust: {exc.verify_message or exc}", file=sys.stderr)
+                  f"{args.ca_file or 'the system CA store'} does not trust (certificate verify failed: {exc.verify_message or exc})", file=sys.stderr)
             return 1
     config = AgentConfig(
         unit_id=args.unit_id,
