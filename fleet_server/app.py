@@ -6,6 +6,7 @@ from sqlalchemy import event
 
 from . import __version__, config as fleet_config, extensions
 from .errors import register_error_handlers
+from .http_security import register_security_headers
 
 API_DESCRIPTION = """\
 Fleet runs Docker containers on fleets of small Linux devices.
@@ -55,6 +56,7 @@ def create_app(config=None) -> Flask:
     register_blueprints(app)
     register_docs_assets(app)
     register_error_handlers(app)
+    register_security_headers(app)
     return app
 
 
@@ -78,11 +80,12 @@ def register_blueprints(app):
     from .devices.views import blp as devices
     from .health.views import blp as health
     from .projects.views import blp as projects
+    from .provisioning.views import blp as provisioning, register_blp as register
     from .registries.views import blp as registries
     from .releases.views import blp as releases
     from .tokens.views import blp as tokens
 
-    for blueprint in (health, registries, projects, releases, devices, tokens):
+    for blueprint in (health, registries, projects, releases, devices, tokens, provisioning, register):
         extensions.api.register_blueprint(blueprint)
 
 

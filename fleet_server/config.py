@@ -51,6 +51,14 @@ def from_environment(environ=None) -> dict:
         "FLEET_PUBLISH_TIMEOUT": _float(environ, "FLEET_PUBLISH_TIMEOUT", 5.0),
         "FLEET_VAR_DIR": str(var_dir),
         "FLEET_SECRET_KEY": environ.get("FLEET_SECRET_KEY") or None,
+        # Security (issue 8): TLS to the broker, the dynsec admin account that manages device
+        # accounts, what registering devices are told, and the origins CORS lets in.
+        "FLEET_MQTT_CA_FILE": environ.get("FLEET_MQTT_CA_FILE") or None,
+        "FLEET_DYNSEC_USERNAME": environ.get("FLEET_DYNSEC_USERNAME") or None,
+        "FLEET_DYNSEC_PASSWORD": environ.get("FLEET_DYNSEC_PASSWORD") or None,
+        "FLEET_DEVICE_BROKER_URL": environ.get("FLEET_DEVICE_BROKER_URL") or None,
+        "FLEET_DEVICE_BROKER_CA_FILE": environ.get("FLEET_DEVICE_BROKER_CA_FILE") or None,
+        "FLEET_CORS_ORIGINS": environ.get("FLEET_CORS_ORIGINS", ""),
     }
     if config["FLEET_ENV"] not in ("development", "production", "testing"):
         raise ConfigError(f"FLEET_ENV={config['FLEET_ENV']!r}: expected development, production or testing")
@@ -59,6 +67,13 @@ def from_environment(environ=None) -> dict:
 
 def validate(config: dict) -> None:
     mqtt_endpoint(config["FLEET_MQTT_URL"])
+    if config.get("FLEET_DEVICE_BROKER_URL"):
+        mqtt_endpoint(config["FLEET_DEVICE_BROKER_URL"], "FLEET_DEVICE_BROKER_URL")
+    for name in ("FLEET_MQTT_CA_FILE", "FLEET_DEVICE_BROKER_CA_FILE"):
+        if config.get(name) and not Path(config[name]).is_file():
+            raise ConfigError(f"{name}={config[name]!r}: no such file")
+    if config.get("FLEET_DYNSEC_USERNAME") and not config.get("FLEET_DYNSEC_PASSWORD"):
+        raise ConfigError("FLEET_DYNSEC_USERNAME is set but FLEET_DYNSEC_PASSWORD is not")
     uri = config["SQLALCHEMY_DATABASE_URI"]
     if not uri.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"FLEET_DATABASE_URL={uri!r}: expected a sqlite:/// or postgresql+psycopg:// URL")

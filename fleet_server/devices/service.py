@@ -1,7 +1,7 @@
 """Device operations, callable without HTTP."""
 import logging
 
-from .. import outbox
+from .. import broker_accounts, outbox
 from ..errors import Conflict, NotFound
 from ..extensions import db
 from ..models import Device, Release, release_devices
@@ -18,7 +18,16 @@ def create_device(data) -> Device:
             raise Conflict(f"a device with unit_id {device.unit_id} exists", {"unit_id": ["already registered"]})
     db.session.add(device)
     db.session.commit()
+    _prepare_broker_role(device)
     return device
+
+
+def _prepare_broker_role(device: Device):
+    # The account itself is made when the device registers; the role can wait for that too.
+    try:
+        broker_accounts.prepare_device_role(device.unit_id)
+    except broker_accounts.BrokerAccountError as exc:
+        log.warning("broker role for unit_id=%s not made yet (made at registration): %s", device.unit_id, exc)
 
 
 def get_device(device_id: str) -> Device:
@@ -63,4 +72,8 @@ def delete_device(device: Device):
     db.session.delete(device)
     db.session.commit()
     log.info("device=%s unit_id=%s deleted", device.id, device.unit_id)
+    try:
+        broker_accounts.remove_device_account(device.unit_id)
+    except broker_accounts.BrokerAccountError as exc:
+        log.error("broker account of unit_id=%s not removed: %s; remove it by hand", device.unit_id, exc)
     outbox.flush_after_commit()

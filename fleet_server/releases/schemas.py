@@ -65,7 +65,7 @@ def _check_bind(bind: str):
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
         raise ValidationError(f"{bind!r} is not host:container[:ro|rw]")
     for path in parts[:2]:
-        if not path.startswith("/"):
+        if not path.startswith("/") or "\x00" in path:
             raise ValidationError(f"{bind!r}: {path!r} is not an absolute path")
         if ".." in path.split("/"):
             raise ValidationError(f"{bind!r}: {path!r} climbs out with '..'")
