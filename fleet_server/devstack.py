@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 BROKER_TEMPLATE = REPO / "broker" / "mosquitto.conf"
+BROKER_SHARED_CONF = REPO / "broker" / "conf.d"
+
+
+def render_broker_config(port: int, data_dir: Path) -> str:
+    """broker/mosquitto.conf with its placeholders filled in, for `mosquitto -c`."""
+    config = BROKER_TEMPLATE.read_text().replace("@PORT@", str(port))
+    config = config.replace("@DATA_DIR@", str(data_dir).rstrip("/"))
+    return config.replace("@CONF_DIR@", str(BROKER_SHARED_CONF))
 
 
 def _port(name, default):
@@ -67,9 +75,7 @@ class Stack:
         self.var.mkdir(parents=True, exist_ok=True)
         broker_data = self.var / "broker"
         broker_data.mkdir(exist_ok=True)
-        config = BROKER_TEMPLATE.read_text().replace("@PORT@", str(self.broker_port))
-        config = config.replace("@DATA_DIR@", str(broker_data) + "/")
-        (self.var / "mosquitto.conf").write_text(config)
+        (self.var / "mosquitto.conf").write_text(render_broker_config(self.broker_port, broker_data))
         subprocess.run([_bin("fleet-server"), "db", "upgrade", "heads"], env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -161,3 +161,6 @@ class Publication(db.Model):
     unit_id: Mapped[str] = mapped_column(db.String(36), index=True)
     project_id: Mapped[int] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+from .worker_sessions import IngestSession  # noqa: E402,F401  (ingest workers' broker sessions)

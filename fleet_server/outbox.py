@@ -16,22 +16,32 @@ def enqueue(unit_ids, project_id: int):
     db.session.add_all(Publication(unit_id=unit_id, project_id=project_id) for unit_id in unit_ids)
 
 
-def message_for(unit_id: str, project_id: int) -> bytes:
-    """The retained payload for a device's release topic of one project, as it stands now."""
+def message_for(unit_id: str, project_id: int, payloads: dict | None = None) -> bytes:
+    """The retained payload for a device's release topic of one project, as it stands now.
+
+    `payloads` caches payloads by release id across the devices of one flush: a
+    fleet-wide release is serialised and validated once, not once per device.
+    """
     from .releases.service import active_release, release_document
 
     device = db.session.scalar(db.select(Device).filter_by(unit_id=unit_id))
     if device is None:
         return b""  # an empty retained message clears the topic on the broker
     release = active_release(device, project_id)
-    document = {"project_id": project_id, "release": release_document(release) if release else None}
-    return wire.encode(wire.release_message, document)
+    key = (project_id, release.id if release else None)
+    payloads = {} if payloads is None else payloads
+    if key not in payloads:
+        document = {"project_id": project_id, "release": release_document(release) if release else None}
+        payloads[key] = wire.encode(wire.release_message, document)
+    return payloads[key]
 
 
-def flush(publish, limit: int = 1000) -> int:
-    """Publish pending rows with `publish(topic, payload) -> bool`; returns how many were sent.
+def flush(publish_many, limit: int = 10000, batch: int = 1000) -> int:
+    """Publish pending rows with `publish_many([(topic, payload)]) -> [acknowledged]`; returns how many were sent.
 
     Rows for the same device and project collapse into one publication of the current state.
+    A batch is published at once and its acknowledgements awaited together (one round trip
+    per batch instead of one per device); the rows of the acknowledged ones are deleted.
     """
     rows = db.session.execute(
         db.select(Publication.unit_id, Publication.project_id, db.func.max(Publication.id))
@@ -40,17 +50,26 @@ def flush(publish, limit: int = 1000) -> int:
         .limit(limit)
     ).all()
     sent = 0
-    for unit_id, project_id, newest in rows:
-        topic = wire.release_topic(unit_id, project_id)
-        if not publish(topic, message_for(unit_id, project_id)):
-            break
-        db.session.execute(
-            db.delete(Publication).where(
-                Publication.unit_id == unit_id, Publication.project_id == project_id, Publication.id <= newest
-            )
-        )
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        payloads = {}
+        messages = [
+            (wire.release_topic(unit_id, project_id), message_for(unit_id, project_id, payloads))
+            for unit_id, project_id, _newest in chunk
+        ]
+        confirmed = publish_many(messages)
+        for (unit_id, project_id, newest), acknowledged in zip(chunk, confirmed):
+            if acknowledged:
+                db.session.execute(
+                    db.delete(Publication).where(
+                        Publication.unit_id == unit_id, Publication.project_id == project_id,
+                        Publication.id <= newest,
+                    )
+                )
         db.session.commit()
-        sent += 1
+        sent += sum(confirmed)
+        if not all(confirmed):
+            break
     db.session.rollback()
     return sent
 
@@ -61,7 +80,7 @@ def flush_after_commit():
 
     publisher = publisher_for(current_app)
     try:
-        flush(lambda topic, payload: publisher.publish(topic, payload, retain=True))
+        flush(lambda messages: publisher.publish_many(messages, retain=True))
     except Exception:  # the request already succeeded; the sweep retries
         log.exception("outbox flush failed; the worker will retry")
         db.session.rollback()
