@@ -57,3 +57,44 @@ def ensure_base_image(client: docker.DockerClient, *, timeout: float = 900) -> s
             _check_import_result(result, BASE_IMAGE)
         log.info("built %s in %.1fs", BASE_IMAGE, time.monotonic() - started)
     return BASE_IMAGE
+
+
+REPO = Path(__file__).resolve().parents[2]
+# Built images are kept under this prefix between runs (like fleet-test/mosquitto:2):
+# a rebuild with the layer cache takes seconds, from nothing several minutes.
+IMAGE_PREFIX = "fleet-test-compose"
+
+
+@dataclass
+class ComposeProject:
+    """docker-compose on the repository's docker-compose.yml, under a project name of its own."""
+
+    name: str
+    env: dict
+
+    def run(self, *args, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        command = ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "-p", self.name, "--profile", "demo",
+                   *args]
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL, cwd=REPO)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                                 f"{result.stderr[-6000:]}")
+        return result
+
+    def build(self, client: docker.DockerClient):
+        # Two test runs building the same tags at once would race; one waits for the other.
+        with _image_build_lock(f"{IMAGE_PREFIX}/stack"):
+            started = time.monotonic()
+            self.run("build", timeout=1500)
+            log.info("compose build took %.1fs", time.monotonic() - started)
+
+    def logs(self) -> str:
+        return self.run("logs", "--no-color", "--tail", "60", check=False).stdout
+
+
+def compose_environment(base_image: str, **settings) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("FLEET_", "COMPOSE_"))}
+    env.update({"BASE_IMAGE": base_image, "FLEET_IMAGE_PREFIX": IMAGE_PREFIX, "FLEET_BIND": "127.0.0.1"})
+    env.update({key: str(value) for key, value in settings.items()})
+    return env
