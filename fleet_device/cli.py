@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--settle", type=float, default=float(_env("FLEET_SETTLE_SECONDS", "10")),
                      help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
 
+    run.add_argument("--reconnect-window", type=float, default=float(_env("FLEET_RECONNECT_WINDOW", "12")),
+                     help="seconds over which the first reconnection after losing the broker is spread; "
+                          "doubles per failed attempt (FLEET_RECONNECT_WINDOW)")
+
     sleep = commands.add_parser("sleep", help="the device is about to sleep: apply queued releases first")
     sleep.add_argument("--api", type=_address, default=_env("FLEET_LOCAL_API", "127.0.0.1:9000"),
                        help="the agent's local API HOST:PORT (FLEET_LOCAL_API)")
@@ -97,6 +101,7 @@ def run(args) -> int:
         api_port=args.api[1],
         minion_id_file=args.minion_id_file,
         settle_seconds=args.settle,
+        reconnect_window=args.reconnect_window,
     )
     try:
         agent = Agent(config)

@@ -6,66 +6,84 @@ from flask import current_app
 from fleet_device import wire
 
 from .extensions import db
-from .models import Device, Publication
+from .models import Device, Publication, Release, release_devices, utcnow
 
 log = logging.getLogger(__name__)
 
 
 def enqueue(unit_ids, project_id: int):
     """Record, in the caller's transaction, that these devices' topic for the project changed."""
-    db.session.add_all(Publication(unit_id=unit_id, project_id=project_id) for unit_id in unit_ids)
+    rows = [{"unit_id": unit_id, "project_id": project_id, "created_at": utcnow()} for unit_id in unit_ids]
+    if rows:  # one multi-row INSERT: a fleet-wide release is thousands of rows
+        db.session.execute(db.insert(Publication), rows)
 
 
-def message_for(unit_id: str, project_id: int, payloads: dict | None = None) -> bytes:
-    """The retained payload for a device's release topic of one project, as it stands now.
+def message_for(unit_id: str, project_id: int) -> bytes:
+    """The retained payload for a device's release topic of one project, as it stands now."""
+    return messages_for([(unit_id, project_id)])[(unit_id, project_id)]
 
-    `payloads` caches payloads by release id across the devices of one flush: a
-    fleet-wide release is serialised and validated once, not once per device.
+
+def messages_for(topics) -> dict[tuple[str, int], bytes]:
+    """The retained payload of each (unit_id, project_id) topic as the database stands now.
+
+    A few queries for the whole batch, and each (project, release) serialised and
+    validated once however many devices it goes to.
     """
-    from .releases.service import active_release, release_document
+    from .releases.service import release_document
 
-    device = db.session.scalar(db.select(Device).filter_by(unit_id=unit_id))
-    if device is None:
-        return b""  # an empty retained message clears the topic on the broker
-    release = active_release(device, project_id)
-    key = (project_id, release.id if release else None)
-    payloads = {} if payloads is None else payloads
-    if key not in payloads:
-        document = {"project_id": project_id, "release": release_document(release) if release else None}
-        payloads[key] = wire.encode(wire.release_message, document)
-    return payloads[key]
+    topics = list(topics)
+    units = {unit_id for unit_id, _project in topics}
+    projects = {project_id for _unit, project_id in topics}
+    devices = dict(db.session.execute(db.select(Device.unit_id, Device.id).where(Device.unit_id.in_(units))).all())
+    # The active release of (device, project): the newest release of the project listing the device.
+    active = {
+        (device_id, project_id): release_id
+        for device_id, project_id, release_id in db.session.execute(
+            db.select(release_devices.c.device_id, Release.project_id, db.func.max(Release.id))
+            .join(Release, Release.id == release_devices.c.release_id)
+            .where(release_devices.c.device_id.in_(list(devices.values())), Release.project_id.in_(projects))
+            .group_by(release_devices.c.device_id, Release.project_id)
+        )
+    }
+    payloads, messages = {}, {}
+    for unit_id, project_id in topics:
+        device_id = devices.get(unit_id)
+        if device_id is None:
+            messages[(unit_id, project_id)] = b""  # an empty retained message clears the topic on the broker
+            continue
+        release_id = active.get((device_id, project_id))
+        if (project_id, release_id) not in payloads:
+            release = db.session.get(Release, release_id) if release_id is not None else None
+            document = {"project_id": project_id, "release": release_document(release) if release else None}
+            payloads[(project_id, release_id)] = wire.encode(wire.release_message, document)
+        messages[(unit_id, project_id)] = payloads[(project_id, release_id)]
+    return messages
 
 
-def flush(publish_many, limit: int = 10000, batch: int = 1000) -> int:
+def flush(publish_many, limit: int = 20000, batch: int = 1000) -> int:
     """Publish pending rows with `publish_many([(topic, payload)]) -> [acknowledged]`; returns how many were sent.
 
-    Rows for the same device and project collapse into one publication of the current state.
-    A batch is published at once and its acknowledgements awaited together (one round trip
-    per batch instead of one per device); the rows of the acknowledged ones are deleted.
+    Rows for the same device and project collapse into one publication of the current
+    state. A batch is published at once and its acknowledgements awaited together (one
+    round trip per batch, not one per device); only the rows read before publishing, of
+    the topics the broker acknowledged, are deleted, so a change enqueued meanwhile is
+    published again by the next flush.
     """
-    rows = db.session.execute(
-        db.select(Publication.unit_id, Publication.project_id, db.func.max(Publication.id))
-        .group_by(Publication.unit_id, Publication.project_id)
-        .order_by(db.func.min(Publication.id))
-        .limit(limit)
+    pending = db.session.execute(
+        db.select(Publication.id, Publication.unit_id, Publication.project_id).order_by(Publication.id).limit(limit)
     ).all()
+    row_ids: dict[tuple[str, int], list[int]] = {}
+    for row_id, unit_id, project_id in pending:
+        row_ids.setdefault((unit_id, project_id), []).append(row_id)
+    topics = list(row_ids)
     sent = 0
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        payloads = {}
-        messages = [
-            (wire.release_topic(unit_id, project_id), message_for(unit_id, project_id, payloads))
-            for unit_id, project_id, _newest in chunk
-        ]
-        confirmed = publish_many(messages)
-        for (unit_id, project_id, newest), acknowledged in zip(chunk, confirmed):
-            if acknowledged:
-                db.session.execute(
-                    db.delete(Publication).where(
-                        Publication.unit_id == unit_id, Publication.project_id == project_id,
-                        Publication.id <= newest,
-                    )
-                )
+    for start in range(0, len(topics), batch):
+        chunk = topics[start:start + batch]
+        messages = messages_for(chunk)
+        confirmed = publish_many([(wire.release_topic(*topic), messages[topic]) for topic in chunk])
+        done = [row_id for topic, acknowledged in zip(chunk, confirmed) if acknowledged for row_id in row_ids[topic]]
+        for offset in range(0, len(done), 500):
+            db.session.execute(db.delete(Publication).where(Publication.id.in_(done[offset:offset + 500])))
         db.session.commit()
         sent += sum(confirmed)
         if not all(confirmed):
