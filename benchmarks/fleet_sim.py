@@ -391,15 +391,16 @@ def storm(args):
             try:
                 wait_for(lambda: fleet.connected() == args.devices, 180, f"{args.devices} agents to connect", 0.5)
                 broker.stop()
+                t_down = time.time()
                 time.sleep(args.down)
+                t_up = time.time()  # from the broker's start: a device may connect before it reports ready
                 broker.start()
-                t_up = time.time()
 
                 def reconnected():
                     merged = {}
                     for connects in fleet.ask("connects"):
                         merged.update(connects)
-                    return [max(times) - t_up for times in merged.values() if max(times) >= t_up]
+                    return [max(times) - t_up for times in merged.values() if max(times) > t_down]
 
                 back = wait_for(lambda: (lambda times: times if len(times) == args.devices else None)(reconnected()),
                                 args.timeout, f"{args.devices} agents to reconnect", 1.0)
