@@ -33,6 +33,13 @@ def _cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def _answers(url):
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
 def measure(pid, seconds):
     cpu0, t0 = _cpu_seconds(pid), time.monotonic()
     samples = []
@@ -60,7 +67,7 @@ def main(argv=None):
         )
         baseline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         try:
-            wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=1).ok, 30, "the agent's local API")
+            wait_for(lambda: _answers(f"http://127.0.0.1:{port}/"), 30, "the agent's local API")
             time.sleep(args.settle)
             rows = [
                 {"process": "fleet-device run (idle, connected)", **measure(agent.pid, args.seconds)},
