@@ -14,7 +14,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
 APT_PACKAGES := docker.io mosquitto mosquitto-clients docker-registry \
-                busybox-static mmdebstrap apache2-utils postgresql
+                busybox-static mmdebstrap apache2-utils postgresql \
+                docker-compose
 VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 STAMP        := $(VENV)/.installed

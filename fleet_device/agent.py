@@ -38,6 +38,10 @@ class AgentConfig:
     settle_seconds: float = 10.0
     session_expiry: int = 7 * 24 * 3600
     keepalive: int = 30
+    # After losing the broker, the first reconnection attempt falls anywhere in this many
+    # seconds; each failed attempt doubles the window, up to reconnect_max.
+    reconnect_window: float = 12.0
+    reconnect_max: float = 120.0
 
 
 @dataclass
@@ -69,10 +73,12 @@ class Agent:
         self.connected = threading.Event()
         self.apply_lock = threading.Lock()
         self.rejected = 0
+        self.reconnect_attempts = 0
         # Topic kind → handler(where, message). Each feature adds its own entry.
         self.handlers = {"releases": self._handle_release}
         self.subscriptions = [wire.release_subscription(self.unit_id)]
         self.client = self._make_client()
+        self._jitter_next_reconnect()
 
     # --- MQTT -------------------------------------------------------------------
 
@@ -98,21 +104,35 @@ class Agent:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        # Spread reconnects after a broker restart so a fleet does not return in one burst.
-        client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=30 + random.random() * 30)
+        client.on_connect_fail = lambda *_: self._jitter_next_reconnect()
         return client
+
+    def _jitter_next_reconnect(self):
+        """Choose the wait before paho's next connection attempt: uniform over a doubling window.
+
+        A broker restart drops the whole fleet at the same instant. paho's own backoff
+        (fixed start, doubling) brings it back in synchronised waves; a uniform draw over
+        the whole window ("full jitter") spreads the reconnections evenly instead.
+        """
+        self.reconnect_attempts += 1
+        window = min(self.config.reconnect_max, self.config.reconnect_window * 2 ** (self.reconnect_attempts - 1))
+        delay = random.uniform(min(1.0, window), window)
+        # paho waits min_delay before its next attempt (reconnect_delay_set resets its doubling).
+        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
         self.connected.set()
+        self.reconnect_attempts = 0
         client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
         log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
+        self._jitter_next_reconnect()
         if not self.stopping.is_set():
             log.warning("disconnected from broker: %s; reconnecting", reason_code)
 

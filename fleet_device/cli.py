@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--settle", type=float, default=float(_env("FLEET_SETTLE_SECONDS", "10")),
                      help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
 
+    run.add_argument("--reconnect-window", type=float, default=float(_env("FLEET_RECONNECT_WINDOW", "12")),
+                     help="seconds over which the first reconnection after losing the broker is spread; "
+                          "doubles per failed attempt (FLEET_RECONNECT_WINDOW)")
+
     register = commands.add_parser("register", help="exchange a provisioning token for this device's identity")
     register.add_argument("--server", required=True, help="the Fleet server's URL, e.g. https://fleet.example.com")
     register.add_argument("--token", default=_env("FLEET_PROVISIONING_TOKEN"),
@@ -154,6 +158,7 @@ def run(args) -> int:
         api_port=args.api[1],
         minion_id_file=args.minion_id_file,
         settle_seconds=args.settle,
+        reconnect_window=args.reconnect_window,
     )
     try:
         agent = Agent(config)

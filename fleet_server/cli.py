@@ -3,6 +3,7 @@ import logging
 import os
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 from flask import current_app
@@ -132,12 +133,14 @@ def provisioning_tokens_create(name, expires_in):
 
 @main.command()
 @click.option("--worker-id", default=None, help="Stable id of this worker (keeps its broker session).")
+@click.option("--heartbeat-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File touched after every outbox sweep, for a container healthcheck.")
 @with_appcontext
-def worker(worker_id):
+def worker(worker_id, heartbeat_file):
     """Consume device reports and publish pending releases."""
     from .worker import run_worker
 
-    run_worker(current_app._get_current_object(), worker_id)
+    run_worker(current_app._get_current_object(), worker_id, heartbeat_file)
 
 
 @main.command()

@@ -49,6 +49,8 @@ def from_environment(environ=None) -> dict:
         "FLEET_MQTT_PASSWORD": environ.get("FLEET_MQTT_PASSWORD") or None,
         "FLEET_MQTT_GROUP": environ.get("FLEET_MQTT_GROUP", "fleet-server"),
         "FLEET_PUBLISH_TIMEOUT": _float(environ, "FLEET_PUBLISH_TIMEOUT", 5.0),
+        # A worker silent this long has its broker session drained by another (worker_sessions.py).
+        "FLEET_WORKER_ADOPT_AFTER": _float(environ, "FLEET_WORKER_ADOPT_AFTER", 30.0),
         "FLEET_VAR_DIR": str(var_dir),
         "FLEET_SECRET_KEY": environ.get("FLEET_SECRET_KEY") or None,
         # Security (issue 8): TLS to the broker, the dynsec admin account that manages device

@@ -4,6 +4,7 @@ import os
 import random
 import socket
 import threading
+import time
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -38,6 +39,9 @@ def make_client(config, client_id, *, persistent=False, manual_ack=False) -> pah
     if tls:
         client.tls_set(ca_certs=config.get("FLEET_MQTT_CA_FILE"))
     client.reconnect_delay_set(min_delay=1, max_delay=30)
+    # paho holds back publishes beyond 20 unacknowledged; a fleet-wide release is thousands
+    # of them, and the broker's own Receive Maximum is the limit that matters.
+    client.max_inflight_messages_set(1000)
     client.user_data_set({"host": host, "port": port, "persistent": persistent})
     return client
 
@@ -97,6 +101,16 @@ class Publisher:
             return False
         return publish_and_wait(self._client, topic, payload, retain=retain, qos=qos, timeout=timeout)
 
+    def publish_many(self, messages, *, retain=False, qos=1, timeout=None) -> list[bool]:
+        """Publish [(topic, payload)] without waiting in between; which ones the broker acknowledged."""
+        timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
+        client = self._ensure_client()
+        connect_wait, self._waited = (0 if self._waited else min(timeout, 3.0)), True
+        if not self._connected.wait(connect_wait):
+            log.warning("broker not reachable; %d publication(s) left in the outbox", len(messages))
+            return [False] * len(messages)
+        return publish_many(client, messages, retain=retain, qos=qos, timeout=timeout)
+
     def close(self):
         if self._client is not None:
             self._client.disconnect()
@@ -113,6 +127,26 @@ def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0
         log.warning("publish failed topic=%s error=%s", topic, exc)
         return False
     return info.is_published()
+
+
+def publish_many(client, messages, *, retain=False, qos=1, timeout=5.0) -> list[bool]:
+    """Publish every (topic, payload), then wait for the acknowledgements; one bool per message.
+
+    Waiting for each PUBACK before the next publish costs a round trip per device; here
+    the messages share the broker's in-flight window and the waits overlap.
+    """
+    if not client.is_connected():
+        return [False] * len(messages)
+    handles = [client.publish(topic, payload, qos=qos, retain=retain) for topic, payload in messages]
+    deadline = time.monotonic() + timeout
+    confirmed = []
+    for info in handles:
+        try:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as exc:
+            log.warning("publish failed mid=%s error=%s", info.mid, exc)
+        confirmed.append(info.is_published())
+    return confirmed
 
 
 def publisher_for(app) -> Publisher:

@@ -1,7 +1,8 @@
 """The ingest worker: consumes device reports through a shared subscription and sweeps the outbox.
 
 Any number of workers can run against one database and broker; the broker hands each
-report to one of them.
+report to one of them. A worker that dies for good has its session drained by a live
+one (see worker_sessions.py), so its share of the reports is stored all the same.
 """
 import logging
 import queue
@@ -9,29 +10,57 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fleet_device import wire
 
-from . import ingest, outbox
+from . import ingest, outbox, worker_sessions
+from .config import mqtt_endpoint
 from .extensions import db
-from .mqtt import connect, make_client, publish_and_wait
+from .mqtt import connect, make_client, publish_many
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 24 * 3600  # reports wait on the broker this long while every worker is down
 
 
+def client_id_for(worker_id: str) -> str:
+    return f"fleet-worker-{worker_id}"
+
+
+def store_report(app, topic: str, payload: bytes) -> bool | None:
+    """Store one device message; True stored, False rejected, None the database failed (do not ack)."""
+    with app.app_context():
+        try:
+            return ingest.handle_message(topic, payload)
+        except Exception:
+            # A database outage: leave the message unacknowledged, the broker redelivers it.
+            log.exception("could not store message topic=%s", topic)
+            db.session.rollback()
+            return None
+        finally:
+            db.session.remove()
+
+
 class IngestWorker:
-    def __init__(self, app, worker_id: str | None = None, sweep_interval: float = 1.0):
+    def __init__(self, app, worker_id: str | None = None, sweep_interval: float = 1.0,
+                 heartbeat_file: Path | None = None):
         self.app = app
         self.worker_id = worker_id or socket.gethostname()
+        self.client_id = client_id_for(self.worker_id)
         self.sweep_interval = sweep_interval
+        self.heartbeat_file = heartbeat_file
+        self.adopt_after = app.config["FLEET_WORKER_ADOPT_AFTER"]
         self.inbox: queue.Queue = queue.Queue(maxsize=10000)
         self.stopping = threading.Event()
         self.received = self.rejected = 0
+        self.drains: dict[str, threading.Thread] = {}
         # A stable client id per worker keeps its session (and the reports queued in it)
         # across restarts.
-        self.client = make_client(app.config, f"fleet-worker-{self.worker_id}", persistent=True, manual_ack=True)
+        self.client = make_client(app.config, self.client_id, persistent=True, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -51,16 +80,9 @@ class IngestWorker:
             log.error("worker inbox full; message will be redelivered topic=%s", message.topic)
 
     def _handle(self, topic, payload, mid, qos):
-        with self.app.app_context():
-            try:
-                accepted = ingest.handle_message(topic, payload)
-            except Exception:
-                # A database outage: do not acknowledge, the broker redelivers after reconnect.
-                log.exception("could not store message topic=%s", topic)
-                db.session.rollback()
-                return
-            finally:
-                db.session.remove()
+        accepted = store_report(self.app, topic, payload)
+        if accepted is None:
+            return
         self.received += 1
         self.rejected += not accepted
         if qos > 0:
@@ -69,14 +91,33 @@ class IngestWorker:
     def _sweep(self):
         with self.app.app_context():
             try:
-                outbox.flush(lambda topic, payload: publish_and_wait(self.client, topic, payload, retain=True))
+                worker_sessions.heartbeat(self.client_id, self.worker_id)
+                self._adopt_orphans()
+                outbox.flush(lambda messages: publish_many(self.client, messages, retain=True))
             except Exception:
                 log.exception("outbox sweep failed")
                 db.session.rollback()
             finally:
                 db.session.remove()
+        if self.heartbeat_file is not None:
+            self.heartbeat_file.touch()
+
+    def _adopt_orphans(self):
+        for client_id, drain in list(self.drains.items()):
+            if not drain.is_alive():
+                del self.drains[client_id]
+        for client_id in worker_sessions.claim_orphans(self.client_id, self.adopt_after):
+            if client_id == self.client_id or client_id in self.drains:
+                continue
+            drain = SessionDrain(self.app, client_id, adopter=self.client_id)
+            self.drains[client_id] = drain
+            drain.start()
 
     def run(self):
+        with self.app.app_context():
+            # Claim this worker's own session before connecting, so no peer drains it meanwhile.
+            worker_sessions.heartbeat(self.client_id, self.worker_id)
+            db.session.remove()
         connect(self.client, session_expiry=SESSION_EXPIRY)
         next_sweep = 0.0
         try:
@@ -89,15 +130,111 @@ class IngestWorker:
                     self._sweep()
                     next_sweep = time.monotonic() + self.sweep_interval
         finally:
+            # The session stays on the broker: a restarted worker of the same id resumes it,
+            # and if none comes back a peer drains it (worker_sessions.py).
             self.client.disconnect()
             self.client.loop_stop()
+            for drain in self.drains.values():
+                drain.join(10)
 
     def stop(self, *_):
         self.stopping.set()
 
 
-def run_worker(app, worker_id=None):
-    worker = IngestWorker(app, worker_id)
+class SessionDrain(threading.Thread):
+    """Resume a dead worker's session, store what waits in it, and end it.
+
+    The paho loop is driven by hand and never reconnects: if the session's owner comes
+    back it takes its client id over (the broker drops this connection), and the drain
+    gives the session back to it.
+    """
+
+    def __init__(self, app, client_id: str, adopter: str, quiet: float = 1.0, budget: float = 600.0):
+        super().__init__(name=f"drain-{client_id}", daemon=True)
+        self.app = app
+        self.client_id = client_id
+        self.adopter = adopter
+        self.quiet = quiet
+        self.budget = budget
+        self.stored = 0
+        self._messages: list = []
+        self._events: dict = {}
+
+    def run(self):
+        drained = False
+        try:
+            drained = self._drain()
+        except Exception:
+            log.exception("draining session %s failed; it will be claimed again", self.client_id)
+        with self.app.app_context():
+            try:
+                worker_sessions.finish_claim(self.client_id, self.adopter, drained)
+            finally:
+                db.session.remove()
+        log.info("adopted session %s: %s, %d report(s) stored", self.client_id,
+                 "drained and ended" if drained else "given back", self.stored)
+
+    def _loop_until(self, what: str, deadline: float) -> bool:
+        client = self._client
+        while what not in self._events and "lost" not in self._events and time.monotonic() < deadline:
+            client.loop(0.1)
+            self._store_pending()
+        return what in self._events
+
+    def _store_pending(self):
+        while self._messages:
+            message = self._messages.pop(0)
+            if store_report(self.app, message.topic, message.payload) is None:
+                raise RuntimeError("database unavailable")
+            self.stored += 1
+            if message.qos > 0:
+                self._client.ack(message.mid, message.qos)
+
+    def _drain(self) -> bool:
+        config = self.app.config
+        client = self._client = make_client(config, self.client_id, persistent=True, manual_ack=True)
+        client.on_connect = lambda c, u, flags, rc, p: self._events.setdefault(
+            "connected", None if rc.is_failure else flags.session_present)
+        client.on_unsubscribe = lambda *args: self._events.setdefault("unsubscribed", True)
+        client.on_disconnect = lambda *args: self._events.setdefault("lost", True)
+        client.on_message = lambda c, u, message: self._messages.append(message)
+        host, port, _tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY
+        deadline = time.monotonic() + self.budget
+        client.connect(host, port, keepalive=30, clean_start=False, properties=properties)
+        if not self._loop_until("connected", time.monotonic() + 10) or self._events["connected"] is None:
+            return False
+        if self._events["connected"]:
+            # Stop the group routing new reports here; what is queued in the session still comes.
+            group = config["FLEET_MQTT_GROUP"]
+            client.unsubscribe([wire.shared_subscription(kind, group) for kind in ingest.KINDS])
+            if not self._loop_until("unsubscribed", time.monotonic() + 10):
+                return False
+            last_activity, last_claim = time.monotonic(), 0.0
+            while time.monotonic() - last_activity < self.quiet:
+                if "lost" in self._events or time.monotonic() > deadline:
+                    return False
+                before = self.stored
+                client.loop(0.1)
+                self._store_pending()
+                if self.stored != before:
+                    last_activity = time.monotonic()
+                if time.monotonic() - last_claim > 2:
+                    with self.app.app_context():
+                        worker_sessions.keep_claim(self.client_id, self.adopter)
+                        db.session.remove()
+                    last_claim = time.monotonic()
+        # Ending the session (expiry 0) takes it out of the shared-subscription group.
+        properties = Properties(PacketTypes.DISCONNECT)
+        properties.SessionExpiryInterval = 0
+        client.disconnect(properties=properties)
+        client.loop(0.1)
+        return True
+
+
+def run_worker(app, worker_id=None, heartbeat_file=None):
+    worker = IngestWorker(app, worker_id, heartbeat_file=heartbeat_file)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     log.info("ingest worker %s starting, broker %s", worker.worker_id, app.config["FLEET_MQTT_URL"])

@@ -349,7 +349,7 @@ def test_releases_created_at_once_leave_the_newest_committed_release_retained(li
 def test_a_flush_that_computed_before_a_commit_never_publishes_after_it(live, broker, project, device):
     """Deterministic interleaving: A computes and publishes slowly; B commits a newer release meanwhile.
 
-    Without the per-(device, project) lock A's stale document would land last.
+    Without the outbox lock A's stale document would land last.
     """
     from fleet_server import outbox
     from fleet_server.mqtt import publisher_for
@@ -363,10 +363,10 @@ def test_a_flush_that_computed_before_a_commit_never_publishes_after_it(live, br
     publisher = publisher_for(live.app)
     computed = threading.Event()
 
-    def slow_publish(topic, payload):
+    def slow_publish(messages):
         computed.set()
         time.sleep(1.0)  # B commits and tries to flush while A still holds its document
-        return publisher.publish(topic, payload, retain=True)
+        return [publisher.publish(topic, payload, retain=True) for topic, payload in messages]
 
     def flush_a():
         with live.app.app_context():

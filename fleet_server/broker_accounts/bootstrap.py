@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SECURED_TEMPLATE = REPO / "broker" / "mosquitto.conf"
+SHARED_CONF_DIR = REPO / "broker" / "conf.d"
 DYNSEC_PLUGIN_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
     "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
@@ -227,6 +228,7 @@ def render_config(files: BrokerFiles, *, port: int, tls_port: int, template: Pat
         "@DYNSEC_FILE@": str(files.dynsec),
         "@CERT_FILE@": str(files.server_certificate),
         "@KEY_FILE@": str(files.server_key),
+        "@CONF_DIR@": str(SHARED_CONF_DIR),
     }.items():
         text = text.replace(key, value)
     return text

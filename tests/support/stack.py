@@ -120,6 +120,8 @@ class Stack:
         args = _command("fleet-device") + [
             "run", "--unit-id", unit_id, "--broker", self.broker_url, "--state-dir", str(state_dir),
             "--api", f"127.0.0.1:{port}", "--minion-id-file", str(state_dir / "minion_id"), "--settle", str(settle),
+            # One agent needs no spreading; tests that restart the broker should not wait for it.
+            "--reconnect-window", "2",
         ]
         process = Process(args, env, self.tmp / f"agent-{unit_id[:8]}.log").start()
         self.processes.append(process)

@@ -1,0 +1,451 @@
+"""Fleet simulator: thousands of devices on loopback, each a real fleet_device.agent.Agent without containers.
+
+Every simulated device is the agent's own code — its paho client set-up, its message
+handling (fleet_device.wire decoding, fleet_device.state.ReleaseQueue written atomically,
+the `queued` report, the manual acknowledgement) and its reconnection policy — with the
+Docker side left out. A few processes hold all of them; in `fanout` each process drives
+its clients' sockets from one selector loop (10,000 paho threads would measure the
+simulator, not Fleet), in `storm` each agent runs its own paho thread because the
+reconnection timing under test lives there.
+
+Scenarios (each bounded in devices and seconds, loopback only, prints its figures):
+
+    python benchmarks/fleet_sim.py fanout --sizes 1000,5000,10000
+    python benchmarks/fleet_sim.py storm --devices 1000
+
+Adding a scenario (command round trip, telemetry at fleet scale): write a function
+taking the parsed arguments, register it in SCENARIOS, and give SimDevices a command
+for what the devices must do (see `Fleet.ask`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import queue
+import random
+import selectors
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Broker, Server, machine, print_figures, wait_for, workdir  # noqa: E402
+
+import paho.mqtt.client as paho  # noqa: E402
+import requests  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from fleet_device import wire  # noqa: E402
+from fleet_device.agent import Agent, AgentConfig  # noqa: E402
+
+log = logging.getLogger("fleet_sim")
+
+HARD_TIMEOUT = 300.0  # no single wait of a scenario lasts longer than this
+
+
+class NoEngine:
+    """Stands in for the Deployer: simulated devices queue releases but never apply them."""
+
+    report = None
+
+
+def _agent(unit_id: str, port: int, state_root: Path, **config) -> Agent:
+    settings = AgentConfig(unit_id=unit_id, broker_port=port, state_dir=state_root / unit_id,
+                           minion_id_file=None, **config)
+    return Agent(settings, deployer=NoEngine())
+
+
+def _connect_properties(agent: Agent) -> Properties:
+    # The same session settings Agent.start() uses: persistent session, clean_start off.
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = agent.config.session_expiry
+    return properties
+
+
+# --- device processes ----------------------------------------------------------
+
+
+def _selector_devices(unit_ids, port, state_root, conn):
+    """Many agents in one thread: their paho clients driven by hand from one selector."""
+    logging.basicConfig(level=logging.WARNING)
+    agents = [_agent(unit_id, port, state_root, keepalive=600) for unit_id in unit_ids]
+    selector = selectors.DefaultSelector()
+    connected = set()
+    handled: dict[int, list[float]] = {}
+    expected: dict[int, int] = {}
+
+    for agent in agents:
+        on_connect = agent.client.on_connect
+
+        def record_connect(client, userdata, flags, reason_code, properties, agent=agent, on_connect=on_connect):
+            on_connect(client, userdata, flags, reason_code, properties)
+            if not reason_code.is_failure:
+                connected.add(agent.unit_id)
+
+        agent.client.on_connect = record_connect
+
+    def pump(timeout):
+        for key, _mask in selector.select(timeout):
+            agent = key.data
+            agent.client.loop_read()
+            while True:
+                try:
+                    message = agent.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                agent._handle(message)  # decode, ReleaseQueue.put, `queued` report, then the ack
+                if "/releases/" in message.topic:
+                    project_id = int(message.topic.rsplit("/", 1)[1])
+                    handled.setdefault(project_id, []).append(time.time())
+
+    for index, agent in enumerate(agents):
+        agent.client.connect("127.0.0.1", port, keepalive=600, clean_start=False,
+                             properties=_connect_properties(agent))
+        selector.register(agent.client.socket(), selectors.EVENT_READ, agent)
+        if index % 100 == 99:
+            pump(0)
+    last_misc = time.monotonic()
+    while True:
+        pump(0.02)
+        for agent in agents:
+            if agent.client.want_write():
+                agent.client.loop_write()
+        if time.monotonic() - last_misc > 5:
+            for agent in agents:
+                agent.client.loop_misc()
+            last_misc = time.monotonic()
+        while conn.poll():
+            command, *args = conn.recv()
+            if command == "connected":
+                conn.send(len(connected))
+            elif command == "expect":
+                project_id, count = args
+                expected[project_id] = count
+            elif command == "stop":
+                for agent in agents:
+                    agent.stopping.set()
+                    agent.client.disconnect()
+                conn.send("stopped")
+                return
+        for project_id, count in list(expected.items()):
+            if len(handled.get(project_id, ())) >= count:
+                conn.send(("handled", project_id, handled.pop(project_id)))
+                del expected[project_id]
+
+
+def _threaded_devices(unit_ids, port, state_root, conn, backoff):
+    """Agents as the real one runs: Agent.start(), paho's network thread reconnecting on its own."""
+    logging.basicConfig(level=logging.ERROR)
+    agents = [_agent(unit_id, port, state_root) for unit_id in unit_ids]
+    connects: dict[str, list[float]] = {}
+    for agent in agents:
+        if backoff == "paho":
+            # The baseline: the agent's reconnection policy before jitter (paho's doubling from 1-2 s).
+            agent._jitter_next_reconnect = lambda: None
+            agent.client.on_connect_fail = None
+            agent.client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=30 + random.random() * 30)
+        on_connect = agent.client.on_connect
+
+        def record_connect(client, userdata, flags, reason_code, properties, agent=agent, on_connect=on_connect):
+            on_connect(client, userdata, flags, reason_code, properties)
+            if not reason_code.is_failure:
+                connects.setdefault(agent.unit_id, []).append(time.time())
+
+        agent.client.on_connect = record_connect
+        agent.start()
+        time.sleep(0.002)  # do not open every socket in the same millisecond
+    while True:
+        command, *args = conn.recv()
+        if command == "connected":
+            conn.send(len(connects))
+        elif command == "connects":
+            conn.send(connects)
+        elif command == "stop":
+            for agent in agents:
+                agent.stopping.set()
+                agent.client.disconnect()
+                agent.client.loop_stop()
+            conn.send("stopped")
+            return
+
+
+class Fleet:
+    """N simulated devices split over a few processes."""
+
+    def __init__(self, unit_ids, port, processes, mode="selector", backoff="agent"):
+        self.state_root = Path(tempfile.mkdtemp(prefix="fleet-sim-", dir=_state_parent()))
+        self.slices = [unit_ids[i::processes] for i in range(processes)]
+        self.links = []
+        self.workers = []
+        for units in self.slices:
+            parent, child = multiprocessing.Pipe()
+            if mode == "selector":
+                target, args = _selector_devices, (units, port, self.state_root, child)
+            else:
+                target, args = _threaded_devices, (units, port, self.state_root, child, backoff)
+            process = multiprocessing.Process(target=target, args=args, daemon=True)
+            process.start()
+            self.links.append(parent)
+            self.workers.append(process)
+
+    def ask(self, *command):
+        for link in self.links:
+            link.send(command)
+        return [self._recv(link) for link in self.links]
+
+    def _recv(self, link, timeout=HARD_TIMEOUT):
+        if not link.poll(timeout):
+            raise SystemExit(f"a device process did not answer within {timeout:.0f} s")
+        return link.recv()
+
+    def connected(self) -> int:
+        return sum(self.ask("connected"))
+
+    def stop(self):
+        with contextlib_suppress():
+            self.ask("stop")
+        for process in self.workers:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        shutil.rmtree(self.state_root, ignore_errors=True)
+
+
+def contextlib_suppress():
+    import contextlib
+
+    return contextlib.suppress(Exception, SystemExit)
+
+
+def _state_parent():
+    # Each real device fsyncs its own flash; 10,000 simulated ones fsyncing one disk would
+    # measure this machine's disk. A tmpfs keeps the agent's write-fsync-rename path intact.
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+# --- fan-out -------------------------------------------------------------------------
+
+
+def _register_devices(server: Server, count: int) -> list[tuple[str, str]]:
+    """Insert `count` devices straight into the database (what POST /dongle/devices/ stores)."""
+    from fleet_server import models
+    from fleet_server.extensions import db
+
+    app = server.app()
+    rows = [{"id": str(uuid.uuid4()), "unit_id": str(uuid.uuid4()), "name": f"sim-{i}", "description": "",
+             "tags": [], "online": False} for i in range(count)]
+    with app.app_context():
+        db.session.execute(db.insert(models.Device), rows)
+        db.session.commit()
+    return [(row["id"], row["unit_id"]) for row in rows]
+
+
+def _count_deployments(app, release_id: int) -> int:
+    from fleet_server import models
+    from fleet_server.extensions import db
+
+    with app.app_context():
+        try:
+            return db.session.scalar(db.select(db.func.count()).select_from(models.Deployment)
+                                     .where(models.Deployment.release_id == release_id))
+        finally:
+            db.session.remove()
+
+
+def _release_body(device_ids, version):
+    return {"version": version, "devices": device_ids, "remove_containers": [], "containers": [{
+        "name": "app", "image": "example/app", "tag": version, "required_tags": [],
+        "startup_parameters": {"environment": "", "binds": [], "network_mode": "none", "restart_policy": "no",
+                               "privileged": False}, "purge_data": False}]}
+
+
+def _wait_handled(fleet: Fleet, project_id: int, per_process: list[int]) -> list[float]:
+    for link, count in zip(fleet.links, per_process):
+        link.send(("expect", project_id, count))
+    stamps = []
+    for link, count in zip(fleet.links, per_process):
+        if count:
+            kind, _project, times = fleet._recv(link, 120)
+            stamps.extend(times)
+    return stamps
+
+
+def fanout(args):
+    sizes = [int(size) for size in args.sizes.split(",")]
+    total = max(sizes)
+    if total > 20000:
+        raise SystemExit("--sizes: at most 20,000 devices")
+    with workdir("fleet-fanout-") as work:
+        broker = Broker(work).start()
+        server = Server(work, broker.url, web_workers=2, ingest_workers=args.ingest_workers).start()
+        fleet = None
+        try:
+            devices = _register_devices(server, total)
+            unit_ids = [unit for _id, unit in devices]
+            started = time.monotonic()
+            fleet = Fleet(unit_ids, broker.port, args.processes)
+            wait_for(lambda: fleet.connected() == total, 180, f"{total} simulated devices to connect", 0.5)
+            print(f"{total} devices connected in {time.monotonic() - started:.1f} s", file=sys.stderr)
+            time.sleep(args.settle)  # let the workers store the devices' `online` statuses first
+            app = server.app()
+            rows = []
+            for size in sizes:
+                targets = devices[:size]
+                targeted = {unit for _id, unit in targets}
+                per_process = [sum(unit in targeted for unit in units) for units in fleet.slices]
+                project = requests.post(server.url + "/docker/projects/", json={"name": f"fanout-{size}"},
+                                        headers=server.headers, timeout=60).json()
+                for link, count in zip(fleet.links, per_process):
+                    link.send(("expect", project["id"], count))
+                t0 = time.time()
+                response = requests.post(f"{server.url}/docker/projects/{project['id']}/releases/",
+                                         json=_release_body([i for i, _u in targets], f"{size}.0"),
+                                         headers=server.headers, timeout=HARD_TIMEOUT)
+                t_response = time.time()
+                if response.status_code != 201:
+                    raise SystemExit(f"release of {size} devices: {response.status_code} {response.text[:500]}")
+                stamps = []
+                for link, count in zip(fleet.links, per_process):
+                    if count:
+                        _kind, _project, times = fleet._recv(link, 120)
+                        stamps.extend(times)
+                release_id = response.json()["id"]
+                wait_for(lambda: _count_deployments(app, release_id) >= size, 300, f"{size} queued reports stored",
+                         0.05)
+                t_stored = time.time()
+                floor = _broker_floor(broker, fleet, targets, project["id"] + 100000, per_process)
+                rows.append({
+                    "devices": size,
+                    "release_acknowledged_by_all_s": round(max(stamps) - t0, 3),
+                    "release_acknowledged_by_half_s": round(_percentile(stamps, 0.5) - t0, 3),
+                    "post_release_response_s": round(t_response - t0, 3),
+                    "queued_reports_stored_s": round(t_stored - t0, 3),
+                    "baseline_broker_only_all_s": round(floor, 3),
+                    "devices_received": len(stamps),
+                })
+                print(rows[-1], file=sys.stderr)
+            print_figures(f"release fan-out ({machine()})", rows)
+        finally:
+            if fleet:
+                fleet.stop()
+            server.stop()
+            broker.stop()
+
+
+def _broker_floor(broker: Broker, fleet: Fleet, targets, project_id: int, per_process) -> float:
+    """The same release to the same devices published by a bare paho client: the broker and devices alone."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
+                         client_id=f"fleet-sim-floor-{uuid.uuid4().hex[:6]}")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        release = {"id": project_id, "version": "floor", "version_hash": "0000beef", "remove_containers": [],
+                   "containers": []}
+        payload = wire.encode(wire.release_message, {"project_id": project_id, "release": release})
+        for link, count in zip(fleet.links, per_process):
+            link.send(("expect", project_id, count))
+        t0 = time.time()
+        handles = [client.publish(wire.release_topic(unit, project_id), payload, qos=1, retain=True)
+                   for _id, unit in targets]
+        for handle in handles:
+            handle.wait_for_publish(60)
+        stamps = []
+        for link, count in zip(fleet.links, per_process):
+            if count:
+                stamps.extend(fleet._recv(link, 120)[2])
+        elapsed = max(stamps) - t0
+        for _id, unit in targets:  # clear the retained copies again
+            client.publish(wire.release_topic(unit, project_id), b"", qos=1, retain=True)
+        return elapsed
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# --- reconnect storm -------------------------------------------------------------------
+
+
+def storm(args):
+    if args.devices > 5000:
+        raise SystemExit("--devices: at most 5,000")
+    rows = []
+    for backoff in args.backoff.split(","):
+        with workdir("fleet-storm-") as work:
+            broker = Broker(work).start()
+            unit_ids = [str(uuid.uuid4()) for _ in range(args.devices)]
+            fleet = Fleet(unit_ids, broker.port, args.processes, mode="threads", backoff=backoff)
+            try:
+                wait_for(lambda: fleet.connected() == args.devices, 180, f"{args.devices} agents to connect", 0.5)
+                broker.stop()
+                t_down = time.time()
+                time.sleep(args.down)
+                t_up = time.time()  # from the broker's start: a device may connect before it reports ready
+                broker.start()
+
+                def reconnected():
+                    merged = {}
+                    for connects in fleet.ask("connects"):
+                        merged.update(connects)
+                    return [max(times) - t_up for times in merged.values() if max(times) > t_down]
+
+                back = wait_for(lambda: (lambda times: times if len(times) == args.devices else None)(reconnected()),
+                                args.timeout, f"{args.devices} agents to reconnect", 1.0)
+                per_second = {}
+                for delay in back:
+                    per_second[int(delay)] = per_second.get(int(delay), 0) + 1
+                rows.append({
+                    "backoff": backoff,
+                    "devices": args.devices,
+                    "reconnected": len(back),
+                    "first_s": round(min(back), 2),
+                    "median_s": round(statistics.median(back), 2),
+                    "last_s": round(max(back), 2),
+                    "spread_s": round(max(back) - min(back), 2),
+                    "peak_connects_per_s": max(per_second.values()),
+                    "broker_down_s": args.down,
+                })
+                print(rows[-1], file=sys.stderr)
+            finally:
+                fleet.stop()
+                broker.stop()
+    print_figures(f"reconnect storm ({machine()})", rows)
+
+
+SCENARIOS = {"fanout": fanout, "storm": storm}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="scenario", required=True)
+    run = commands.add_parser("fanout", help="time until N devices received and acknowledged a release")
+    run.add_argument("--sizes", default="1000,5000,10000")
+    run.add_argument("--processes", type=int, default=4)
+    run.add_argument("--ingest-workers", type=int, default=2)
+    run.add_argument("--settle", type=float, default=20.0, help="seconds to let start-up reports drain")
+    run = commands.add_parser("storm", help="broker restart under N connected agents")
+    run.add_argument("--devices", type=int, default=1000)
+    run.add_argument("--processes", type=int, default=4)
+    run.add_argument("--down", type=float, default=3.0, help="seconds the broker stays down")
+    run.add_argument("--backoff", default="agent,paho", help="agent (jittered) and/or paho (the old baseline)")
+    run.add_argument("--timeout", type=float, default=240.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    SCENARIOS[args.scenario](args)
+
+
+if __name__ == "__main__":
+    main()
