@@ -60,14 +60,16 @@ def test_a_status_on_device_as_topic_claiming_to_be_b_marks_only_a_online(app, f
 def test_a_release_with_an_unsafe_bind_gets_400(client, auth, fleet, bind):
     body = release_payload([fleet["A"]["id"]], "app", "v1", startup_parameters={"binds": [bind]})
     response = client.post(f"/docker/projects/{fleet['project']['id']}/releases/", json=body, headers=auth)
-    assert response.status_code == 400 and "containers" in response.get_json()["errors"]
+    assert response.status_code == 400
+    assert any(key.split(".")[0] == "containers" for key in response.get_json()["errors"]), response.get_json()
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "-flag", "a b", "x" * 101, ""])
 def test_a_release_with_an_unsafe_container_name_gets_400(client, auth, fleet, name):
     body = release_payload([fleet["A"]["id"]], "app", "v1", name=name)
     response = client.post(f"/docker/projects/{fleet['project']['id']}/releases/", json=body, headers=auth)
-    assert response.status_code == 400 and "containers" in response.get_json()["errors"]
+    assert response.status_code == 400
+    assert any(key.split(".")[0] == "containers" for key in response.get_json()["errors"]), response.get_json()
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
