@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.fernet import Fernet
+
 import docker
 
 from tests.support.infra import _check_import_result, _image_build_lock, _split_ref, image_exists
@@ -95,6 +97,7 @@ class ComposeProject:
 
 def compose_environment(base_image: str, **settings) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("FLEET_", "COMPOSE_"))}
-    env.update({"BASE_IMAGE": base_image, "FLEET_IMAGE_PREFIX": IMAGE_PREFIX, "FLEET_BIND": "127.0.0.1"})
+    env.update({"BASE_IMAGE": base_image, "FLEET_IMAGE_PREFIX": IMAGE_PREFIX, "FLEET_BIND": "127.0.0.1",
+                "FLEET_SECRET_KEY": Fernet.generate_key().decode()})
     env.update({key: str(value) for key, value in settings.items()})
     return env
