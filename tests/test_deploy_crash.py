@@ -109,7 +109,7 @@ def test_a_deploy_killed_while_cleaning_up_after_verification_is_completed_on_re
 
 
 class PrivateEngine:
-    """A dockerd of the test's own (own data root, exec root, socket; no bridge, no iptables)."""
+    """A dockerd of the test's own: own network namespace, data root, exec root and socket; no bridge, no iptables."""
 
     def __init__(self):
         self.root = Path(tempfile.mkdtemp(prefix="fleet-dockerd-", dir="/tmp"))
@@ -118,8 +118,10 @@ class PrivateEngine:
 
     def start(self):
         self.log = open(self.root / "dockerd.log", "ab")
+        # Its own network namespace: a dockerd started with --bridge=none deletes any interface
+        # named docker0 it can see, which in the host namespace is the shared engine's bridge.
         self.process = subprocess.Popen(
-            ["dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+            ["unshare", "--net", "--", "dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
              "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host, "--bridge=none", "--iptables=false",
              "--ip6tables=false"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
