@@ -54,7 +54,9 @@ def main():
             for index in range(args.rounds * 2):
                 doc = release(index + 1, spec(name, images[index % 2]))
                 started = time.perf_counter()
-                deployer.apply(1, doc, {}, previous=previous, context=message(1, doc))
+                # Both images stay "needed" so the replace never prunes the one the next round runs.
+                deployer.apply(1, doc, {}, previous=previous, needed_elsewhere=frozenset(images),
+                               context=message(1, doc))
                 replace.append(time.perf_counter() - started)
                 deployer.forget(1)
                 previous = doc
@@ -64,7 +66,8 @@ def main():
                 doc = release(1000 + index, spec(name, broken))
                 started = time.perf_counter()
                 try:
-                    deployer.apply(1, doc, {}, previous=previous, context=message(1, doc))
+                    deployer.apply(1, doc, {}, previous=previous, needed_elsewhere=frozenset(images),
+                                   context=message(1, doc))
                 except DeployError:
                     pass
                 rollback.append(time.perf_counter() - started)

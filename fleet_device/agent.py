@@ -230,6 +230,10 @@ class Agent:
                 context=message,
             )
         except DeployError as exc:
+            if exc.step == "engine":
+                # Nothing was tried: the release stays queued for the next trigger.
+                self.report(message, "failed", exc.step, exc.reason + "; still queued")
+                return Outcome(project_id, release_id, "failed", exc.step, exc.reason)
             return self._record(message, Outcome(project_id, release_id, "failed", exc.step, exc.reason,
                                                  settled=self._settled(project_id)))
         except Exception as exc:  # a bug: never leave the agent dead
