@@ -159,3 +159,22 @@ def test_the_sleep_budget_starts_no_deploy_once_spent_and_the_newest_queued_rele
     assert outcomes(device.sleep(budget=60)) == [(6, 3, "succeeded")]
     assert device.states(2) == ["queued"]  # queued, then superseded: never applied
     assert outcomes(device.sleep()) == []
+
+
+def test_a_release_stays_queued_when_the_engine_does_not_answer(tmp_path):
+    import docker
+
+    from fleet_device.agent import Agent, AgentConfig
+    from fleet_device.deploy import Deployer
+
+    unit_id = str(uuid.uuid4())
+    absent = docker.DockerClient(base_url=f"unix://{tmp_path}/no-engine.sock", version="1.41", timeout=5)
+    config = AgentConfig(unit_id=unit_id, state_dir=tmp_path / "state", minion_id_file=None)
+    agent = Agent(config, deployer=Deployer(unit_id, config.state_dir, client=absent))
+    doc = release(1, spec("svc", "app:v1"))
+    agent.queue.put(message(8, doc))
+
+    [outcome] = agent.apply_queued()
+
+    assert (outcome.state, outcome.step) == ("failed", "engine") and "does not answer" in outcome.detail
+    assert agent.queue.queued(8)["release"] == doc and agent.deployer.journal.load(8) is None
