@@ -40,6 +40,13 @@ def identity(agent, body):
     return 200, {"unit_id": agent.unit_id}
 
 
+@route("GET", r"/status/?")
+def agent_status(agent, body):
+    """Is the agent connected, and how many broker messages it rejected (malformed or not its own)."""
+    return 200, {"unit_id": agent.unit_id, "connected": agent.connected.is_set(),
+                 "messages": {"rejected": agent.rejected}}
+
+
 @route("POST", r"/dongle/(?P<unit_id>[^/]+)/execute/?")
 def execute_command(agent, body, unit_id):
     if unit_id.lower() != agent.unit_id:

@@ -161,3 +161,6 @@ class Publication(db.Model):
     unit_id: Mapped[str] = mapped_column(db.String(36), index=True)
     project_id: Mapped[int] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+# Models of other features, imported here so Alembic and the app see them.
+from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
