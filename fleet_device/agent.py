@@ -16,8 +16,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import __version__, wire
-from .deploy import Deployer, DeployError
-from .state import ReleaseQueue
+from .deploy import Deployer, DeployError, Recovery, release_image_refs
+from .state import RegistryStore, ReleaseQueue
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class AgentConfig:
     api_port: int = 9000
     minion_id_file: Path | None = Path("/etc/salt/minion_id")
     settle_seconds: float = 10.0
+    health_timeout: float = 60.0
     session_expiry: int = 7 * 24 * 3600
     keepalive: int = 30
     # After losing the broker, the first reconnection attempt falls anywhere in this many
@@ -51,6 +52,8 @@ class Outcome:
     state: str
     step: str | None = None
     detail: str = ""
+    # False while a rolled-back deploy could not be fully undone (the engine is away): not safe to sleep.
+    settled: bool = True
 
     def as_dict(self):
         return {
@@ -59,6 +62,7 @@ class Outcome:
             "state": self.state,
             "step": self.step,
             "detail": self.detail,
+            "settled": self.settled,
         }
 
 
@@ -67,7 +71,9 @@ class Agent:
         self.config = config
         self.unit_id = config.unit_id
         self.queue = ReleaseQueue(config.state_dir)
-        self.deployer = deployer or Deployer(config.unit_id, settle_seconds=config.settle_seconds)
+        self.registries = RegistryStore(config.state_dir)
+        self.deployer = deployer or Deployer(config.unit_id, config.state_dir, settle_seconds=config.settle_seconds,
+                                             health_timeout=config.health_timeout)
         self.inbox: queue.Queue = queue.Queue(maxsize=1000)
         self.stopping = threading.Event()
         self.connected = threading.Event()
@@ -195,6 +201,9 @@ class Agent:
     def _receive_release(self, project_id: int, message: dict):
         if message["project_id"] != project_id:
             raise wire.WireError(f"payload names project {message['project_id']} on project {project_id}'s topic")
+        if message["registries"]:
+            # Kept for the login at the next start-up, whatever becomes of this release.
+            self.registries.remember(message["registries"])
         if self.queue.put(message):
             if message["release"] is not None:
                 self.report(message, "queued")
@@ -205,34 +214,106 @@ class Agent:
 
     # --- applying ---------------------------------------------------------------
 
-    def apply_queued(self) -> list[Outcome]:
-        """Apply every queued release now, one project after another."""
-        outcomes = []
+    def apply_queued(self, budget: float | None = None) -> list[Outcome]:
+        """Apply every queued release now, one project after another.
+
+        With a budget (seconds), no deploy starts once it is spent; one already started is
+        finished (or rolled back) first. What is left stays queued and is reported as such.
+        """
+        deadline = None if budget is None else time.monotonic() + budget
         with self.apply_lock:
+            outcomes = self._recover()
             for message in self.queue.pending():
+                if deadline is not None and time.monotonic() >= deadline:
+                    release = message["release"]
+                    outcomes.append(Outcome(message["project_id"], release["id"] if release else None, "queued",
+                                            None, "the sleep budget was spent; applied at the next sleep"))
+                    continue
                 outcomes.append(self._apply(message))
         return outcomes
 
     def _apply(self, message: dict) -> Outcome:
         project_id, release = message["project_id"], message["release"]
         release_id = release["id"] if release else None
-        registries = {r["id"]: r for r in message.get("registries", [])}
+        if not self._settled(project_id):
+            # An earlier deploy could not be rolled back completely; it must be resolved first.
+            return Outcome(project_id, release_id, "failed", "recover",
+                           "an interrupted deploy of this project is still being rolled back", settled=False)
+        registries = {**self.registries.all(), **{r["id"]: r for r in message.get("registries", [])}}
         self.deployer.report = lambda state, step=None, detail="": self.report(message, state, step, detail)
         self.report(message, "started")
         try:
-            self.deployer.apply(project_id, release, registries)
+            steps = self.deployer.apply(
+                project_id, release, registries,
+                previous=self.queue.applied(project_id),
+                needed_elsewhere=self._images_needed_elsewhere(project_id, registries),
+                context=message,
+            )
         except DeployError as exc:
-            self.queue.mark_applied(message, succeeded=False)
-            self.report(message, "failed", exc.step, exc.reason)
-            return Outcome(project_id, release_id, "failed", exc.step, exc.reason)
-        except Exception as exc:  # the engine went away, a bug: never leave the agent dead
+            if exc.step == "engine":
+                # Nothing was tried: the release stays queued for the next trigger.
+                self.report(message, "failed", exc.step, exc.reason + "; still queued")
+                return Outcome(project_id, release_id, "failed", exc.step, exc.reason)
+            return self._record(message, Outcome(project_id, release_id, "failed", exc.step, exc.reason,
+                                                 settled=self._settled(project_id)))
+        except Exception as exc:  # a bug: never leave the agent dead
             log.exception("deploy of project %s crashed", project_id)
-            self.queue.mark_applied(message, succeeded=False)
-            self.report(message, "failed", "engine", str(exc))
-            return Outcome(project_id, release_id, "failed", "engine", str(exc))
-        self.queue.mark_applied(message, succeeded=True)
-        self.report(message, "succeeded", "verify")
-        return Outcome(project_id, release_id, "succeeded")
+            return self._record(message, Outcome(project_id, release_id, "failed", "engine", str(exc),
+                                                 settled=self._settled(project_id)))
+        detail = "already running" if not steps else f"{len(steps)} steps"
+        return self._record(message, Outcome(project_id, release_id, "succeeded", "verify", detail))
+
+    def _settled(self, project_id: int) -> bool:
+        record = self.deployer.journal.load(project_id)
+        return record is None or record.get("phase") in ("succeeded", "rolled_back")
+
+    def _record(self, message: dict, outcome: Outcome) -> Outcome:
+        """Make the outcome durable (applied release, queue), then drop the journal, then report."""
+        self.queue.mark_applied(message, succeeded=outcome.state == "succeeded")
+        self.deployer.forget(outcome.project_id)
+        self.report(message, outcome.state, outcome.step, outcome.detail)
+        return outcome
+
+    def _images_needed_elsewhere(self, project_id: int, registries: dict[int, dict]) -> frozenset[str]:
+        """Images the other projects' applied and queued releases use: never pruned for this one."""
+        releases = [r for pid, r in self.queue.applied_releases().items() if pid != project_id]
+        releases += [m["release"] for m in self.queue.pending() if m["project_id"] != project_id]
+        return frozenset(ref for release in releases for ref in release_image_refs(release, registries))
+
+    def _recover(self) -> list[Outcome]:
+        """Finish or roll back deploys a crash interrupted (journal in the state dir)."""
+        outcomes = []
+        try:
+            recoveries = self.deployer.recover()
+        except Exception:
+            log.exception("recovering interrupted deploys failed; retried at the next apply")
+            return outcomes
+        for recovery in recoveries:
+            outcomes.append(self._record_recovery(recovery))
+        return outcomes
+
+    def _record_recovery(self, recovery: Recovery) -> Outcome:
+        message = recovery.context or {"project_id": recovery.project_id, "release": None}
+        release = message.get("release")
+        outcome = Outcome(recovery.project_id, release["id"] if release else None, recovery.state, recovery.step,
+                          recovery.detail, settled=recovery.settled)
+        log.info("recovered project=%s state=%s %s", recovery.project_id, recovery.state, recovery.detail)
+        if not recovery.settled:
+            self.report(message, "failed", recovery.step, recovery.detail)
+            return outcome
+        return self._record(message, outcome)
+
+    def start_up(self):
+        """Log in to every registry the device knows and resolve interrupted deploys."""
+        with self.apply_lock:
+            try:
+                failures = self.deployer.login_all(self.registries.all())
+            except Exception as exc:  # the engine is away: pulls log in again anyway
+                log.warning("registry logins at start-up skipped: %s", exc)
+                failures = {}
+            for host, reason in failures.items():
+                log.warning("registry %s: %s", host, reason)
+            self._recover()
 
     # --- running ------------------------------------------------------------------
 
@@ -254,6 +335,7 @@ class Agent:
         self._thread.start()
 
     def _work(self):
+        self.start_up()
         while not self.stopping.is_set():
             try:
                 message = self.inbox.get(timeout=0.2)

@@ -44,6 +44,27 @@ def _unit_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a UUID") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must not be negative")
+    return value
+
+
+SLEEP_EXIT_CODES = """\
+exit codes:
+  0  the device may sleep: every queued release was applied (succeeded, or failed and
+     rolled back), or the budget ran out and the rest waits for the next sleep, or no
+     agent answers (nothing can be applied)
+  1  do not sleep yet: a deploy is still running after budget + grace, or a failed
+     deploy could not be rolled back completely (the engine did not answer)
+  2  bad command line
+"""
+
+
 def _env(name, default=None):
     return os.environ.get(name, default)
 
@@ -69,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file the unit id is written to (FLEET_MINION_ID_FILE)")
     run.add_argument("--settle", type=float, default=float(_env("FLEET_SETTLE_SECONDS", "10")),
                      help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
+    run.add_argument("--health-timeout", type=float, default=float(_env("FLEET_HEALTH_TIMEOUT", "60")),
+                     help="seconds a container with a HEALTHCHECK has to become healthy (FLEET_HEALTH_TIMEOUT)")
 
     run.add_argument("--reconnect-window", type=float, default=float(_env("FLEET_RECONNECT_WINDOW", "12")),
                      help="seconds over which the first reconnection after losing the broker is spread; "
@@ -84,10 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what tells this hardware apart (FLEET_HARDWARE_ID; default /etc/machine-id)")
     register.add_argument("--name", default="", help="a name for people")
 
-    sleep = commands.add_parser("sleep", help="the device is about to sleep: apply queued releases first")
+    sleep = commands.add_parser(
+        "sleep", help="the device is about to sleep: apply queued releases first",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SLEEP_EXIT_CODES,
+    )
     sleep.add_argument("--api", type=_address, default=_env("FLEET_LOCAL_API", "127.0.0.1:9000"),
                        help="the agent's local API HOST:PORT (FLEET_LOCAL_API)")
-    sleep.add_argument("--budget", type=float, default=600.0, help="seconds to wait for the deploy (default 600)")
+    sleep.add_argument("--budget", type=_seconds, default=600.0,
+                       help="seconds in which deploys may start (default 600); one under way is finished first")
+    sleep.add_argument("--grace", type=_seconds, default=900.0,
+                       help="seconds past the budget to wait for a deploy under way to finish (default 900)")
     return parser
 
 
@@ -159,6 +189,7 @@ def run(args) -> int:
         minion_id_file=args.minion_id_file,
         settle_seconds=args.settle,
         reconnect_window=args.reconnect_window,
+        health_timeout=args.health_timeout,
     )
     try:
         agent = Agent(config)
@@ -184,23 +215,36 @@ def run(args) -> int:
 
 
 def sleep(args) -> int:
+    """Ask the agent to apply what is queued within the budget; the exit code says if the device may sleep."""
     base = f"http://{args.api[0]}:{args.api[1]}"
     try:
         unit_id = requests.get(base + "/", timeout=10).json()["unit_id"]
+    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        print(f"no agent answering at {base}: {exc}; nothing to apply", file=sys.stderr)
+        return 0
+    try:
         response = requests.post(
             f"{base}/dongle/{unit_id}/execute/",
-            json={"command": "state.sls", "arg": ["docker.release"], "kwarg": {}},
-            timeout=args.budget,
+            json={"command": "state.sls", "arg": ["docker.release"], "kwarg": {"budget": args.budget}},
+            timeout=args.budget + args.grace,
         )
         result = response.json()
     except requests.Timeout:
-        # The agent finishes a started deploy safely on its own; the device may sleep after it.
-        print(f"deploy still running after the {args.budget:.0f} s budget", file=sys.stderr)
+        # The agent finishes the deploy under way on its own; ask again before sleeping.
+        print(f"a deploy is still running after {args.budget + args.grace:.0f} s", file=sys.stderr)
         return 1
-    except (requests.RequestException, ValueError, KeyError) as exc:
-        print(f"no agent answering at {base}: {exc}; nothing to apply", file=sys.stderr)
-        return 0
+    except (requests.RequestException, ValueError) as exc:
+        print(f"the agent at {base} did not answer the deploy request: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
+    if not isinstance(result, dict) or result.get("state") != "succeeded":
+        print(f"the agent could not apply the queue: {result}", file=sys.stderr)
+        return 1
+    unsettled = [o for o in result.get("return") or [] if isinstance(o, dict) and not o.get("settled", True)]
+    if unsettled:
+        print(f"rollback incomplete for project(s) {', '.join(str(o['project_id']) for o in unsettled)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

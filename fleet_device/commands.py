@@ -51,8 +51,14 @@ def test_ping(agent):
 
 
 @command("state.sls")
-def state_sls(agent, sls: str):
-    """`state.sls docker.release`: apply the queued releases now and return their outcomes."""
+def state_sls(agent, sls: str, budget=None):
+    """`state.sls docker.release [budget=SECONDS]`: apply the queued releases now and return their outcomes.
+
+    With a budget no deploy starts once it is spent (one under way is finished first); the
+    rest stays queued and is listed with state "queued".
+    """
     if sls != "docker.release":
         raise CommandError(f"state.sls: unknown state {sls!r}; known: docker.release")
-    return [outcome.as_dict() for outcome in agent.apply_queued()]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
+        raise CommandError(f"state.sls: budget must be a number of seconds >= 0, not {budget!r}")
+    return [outcome.as_dict() for outcome in agent.apply_queued(budget=budget)]

@@ -109,3 +109,63 @@ def _same_release(applied: dict | None, release: dict) -> bool:
     return applied is not None and applied.get("id") == release["id"] and (
         applied.get("version_hash") == release["version_hash"]
     )
+
+
+class Journal:
+    """Per project, the deploy in progress: its steps and how far each got.
+
+    Layout: `<state_dir>/projects/<project_id>/journal.json`, rewritten atomically before and
+    after every step, so after a crash or power loss the agent knows exactly what to undo.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir) / "projects"
+
+    def _path(self, project_id: int) -> Path:
+        return self.root / str(int(project_id)) / "journal.json"
+
+    def save(self, project_id: int, record: dict):
+        write_atomically(self._path(project_id), json.dumps(record).encode())
+
+    def load(self, project_id: int) -> dict | None:
+        return read_json(self._path(project_id))
+
+    def discard(self, project_id: int):
+        self._path(project_id).unlink(missing_ok=True)
+
+    def records(self) -> list[tuple[int, dict]]:
+        """Every journal on disk, by project id."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for directory in sorted(self.root.iterdir(), key=lambda p: (len(p.name), p.name)):
+            record = read_json(directory / "journal.json") if directory.name.isdigit() else None
+            if isinstance(record, dict) and isinstance(record.get("steps"), list):
+                found.append((int(directory.name), record))
+        return found
+
+
+class RegistryStore:
+    """The private registries the device has been given, so it can log in at start-up.
+
+    `<state_dir>/registries.json`, mode 0600: it holds passwords, readable by the agent only.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "registries.json"
+        self._lock = threading.Lock()
+
+    def all(self) -> dict[int, dict]:
+        stored = read_json(self.path)
+        if not isinstance(stored, list):
+            return {}
+        return {r["id"]: r for r in stored if isinstance(r, dict) and isinstance(r.get("id"), int) and r.get("url")}
+
+    def remember(self, registries: list[dict]) -> dict[int, dict]:
+        """Add or update registries (by id); returns every registry known afterwards."""
+        with self._lock:
+            known = self.all()
+            merged = {**known, **{r["id"]: dict(r) for r in registries}}
+            if merged != known:
+                write_atomically(self.path, json.dumps(sorted(merged.values(), key=lambda r: r["id"])).encode())
+            return merged
