@@ -58,8 +58,9 @@ def _configure_sqlite(app):
 def register_blueprints(app):
     from .devices.views import blp as devices
     from .health.views import blp as health
+    from .logbook.views import blp as logbook
     from .projects.views import blp as projects
     from .releases.views import blp as releases
 
-    for blueprint in (health, projects, releases, devices):
+    for blueprint in (health, projects, releases, devices, logbook):
         extensions.api.register_blueprint(blueprint)

@@ -161,3 +161,7 @@ class Publication(db.Model):
     unit_id: Mapped[str] = mapped_column(db.String(36), index=True)
     project_id: Mapped[int] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# Feature modules with tables of their own; imported here so the app and Alembic see them.
+from .logbook import models as _logbook_models  # noqa: E402,F401
