@@ -7,7 +7,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from . import __version__, wire
 from .deploy import Deployer, DeployError
 from .state import ReleaseQueue
+from .telemetry import Telemetry, TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class AgentConfig:
     settle_seconds: float = 10.0
     session_expiry: int = 7 * 24 * 3600
     keepalive: int = 30
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Agent:
         self.handlers = {"releases": self._handle_release}
         self.subscriptions = [wire.release_subscription(self.unit_id)]
         self.client = self._make_client()
+        self.telemetry = Telemetry(config.unit_id, config.state_dir, self.client, self.connected, config.telemetry)
 
     # --- MQTT -------------------------------------------------------------------
 
@@ -232,6 +235,7 @@ class Agent:
         self.client.loop_start()
         self._thread = threading.Thread(target=self._work, name="agent-messages", daemon=True)
         self._thread.start()
+        self.telemetry.start()
 
     def _work(self):
         while not self.stopping.is_set():
@@ -243,6 +247,7 @@ class Agent:
 
     def stop(self):
         self.stopping.set()
+        self.telemetry.stop()
         if self.connected.is_set():
             try:
                 self.publish_status("offline").wait_for_publish(2)

@@ -307,6 +307,18 @@ class TelemetryBatchSchema(_Message):
 telemetry_batch = TelemetryBatchSchema()
 
 
+def telemetry_payload(batch_id: str, dropped: int, readings_json: list[str]) -> bytes:
+    """A telemetry batch assembled from readings already checked by `check_reading` and stored as JSON.
+
+    The device buffers readings as JSON text; joining them avoids decoding and checking each
+    one a second time on every (re)send.
+    """
+    if not readings_json or len(readings_json) > MAX_BATCH_READINGS:
+        raise WireError(f"a batch holds 1 to {MAX_BATCH_READINGS} readings, not {len(readings_json)}")
+    head = json.dumps({"v": PROTOCOL_VERSION, "batch_id": batch_id, "dropped": int(dropped)}, separators=(",", ":"))
+    return f'{head[:-1]},"readings":[{",".join(readings_json)}]}}'.encode()
+
+
 # --- Container parameters both sides interpret the same way -----------------
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")

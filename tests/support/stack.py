@@ -111,7 +111,7 @@ class Stack:
         assert response.status_code == 201, response.text
         return response.json()
 
-    def start_agent(self, device: dict, settle=1.0, state_dir: Path | None = None) -> Agent:
+    def start_agent(self, device: dict, settle=1.0, state_dir: Path | None = None, extra_args=()) -> Agent:
         unit_id = device["unit_id"]
         state_dir = state_dir or self.tmp / f"agent-{unit_id[:8]}"
         port = free_port()
@@ -119,6 +119,7 @@ class Stack:
         args = _command("fleet-device") + [
             "run", "--unit-id", unit_id, "--broker", self.broker_url, "--state-dir", str(state_dir),
             "--api", f"127.0.0.1:{port}", "--minion-id-file", str(state_dir / "minion_id"), "--settle", str(settle),
+            *extra_args,
         ]
         process = Process(args, env, self.tmp / f"agent-{unit_id[:8]}.log").start()
         self.processes.append(process)
