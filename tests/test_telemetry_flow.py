@@ -85,6 +85,14 @@ def restartable_stack(restartable_broker, docker_client, tmp_path):
         remove_agent_containers(docker_client, [a.unit_id for a in running.agents])
 
 
+def eventually_with_logs(stack, predicate, timeout, message):
+    """`eventually`, failing with the server's, worker's and agent's logs attached."""
+    try:
+        return eventually(predicate, timeout, interval=0.5, message=message)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs()}") from None
+
+
 def _values(stack, device):
     return [entry["value"] for entry in series(stack, device)]
 
@@ -102,7 +110,7 @@ def test_readings_taken_while_the_broker_is_down_arrive_once_when_it_returns(res
     assert requests.get(agent.api_url + "/logbook/", timeout=10).json()["waiting"] > 0
     restartable_broker.start()
 
-    eventually(lambda: len(_values(stack, device)) >= 200, 90, message="the buffered readings", interval=0.5)
+    eventually_with_logs(stack, lambda: len(_values(stack, device)) >= 200, 90, "the buffered readings")
     assert _values(stack, device) == [float(i) for i in range(200)], stack.logs()
 
 
@@ -121,5 +129,5 @@ def test_readings_sent_while_the_worker_is_down_are_stored_once_when_it_returns(
     assert len(_values(stack, device)) == 40
     stack.worker = stack.start_worker("telemetry-restart")
 
-    eventually(lambda: len(_values(stack, device)) >= 240, 60, message="the readings queued for the worker")
+    eventually_with_logs(stack, lambda: len(_values(stack, device)) >= 240, 60, "the readings queued for the worker")
     assert _values(stack, device) == [float(i) for i in range(240)], stack.logs()
