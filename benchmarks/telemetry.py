@@ -164,9 +164,12 @@ def measure_ingest(tmp: Path, env: dict, engine, readings: int, batch_size: int,
                             "value": float(i)} for i in range(offset, min(offset + chunk, readings))])
 
     count = sa.text("SELECT count(*), count(DISTINCT ts_us) FROM telemetry_reading WHERE device_id = :d")
-    with process([str(BIN / "fleet-server"), "worker", "--worker-id", "bench"], tmp / "worker.log", env):
+    worker_log = tmp / "worker.log"
+    with process([str(BIN / "fleet-server"), "worker", "--worker-id", "bench"], worker_log,
+                 {**env, "FLEET_LOG_LEVEL": "INFO"}):
         wait_for(connected.is_set, 10, "the device's broker connection")
-        time.sleep(2)  # the worker subscribes
+        # A shared subscription nobody holds yet drops what is published to it.
+        wait_for(lambda: worker_log.exists() and b"subscribed" in worker_log.read_bytes(), 60, "the worker")
         started = time.perf_counter()
         telemetry.start()
         producer = threading.Thread(target=produce)
