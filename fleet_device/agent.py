@@ -7,7 +7,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from . import __version__, wire
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .state import RegistryStore, ReleaseQueue
+from .telemetry import Telemetry, TelemetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class AgentConfig:
     # seconds; each failed attempt doubles the window, up to reconnect_max.
     reconnect_window: float = 12.0
     reconnect_max: float = 120.0
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Agent:
         self.subscriptions = [wire.release_subscription(self.unit_id)]
         self.client = self._make_client()
         self._jitter_next_reconnect()
+        self.telemetry = Telemetry(config.unit_id, config.state_dir, self.client, self.connected, config.telemetry)
 
     # --- MQTT -------------------------------------------------------------------
 
@@ -333,6 +336,7 @@ class Agent:
         self.client.loop_start()
         self._thread = threading.Thread(target=self._work, name="agent-messages", daemon=True)
         self._thread.start()
+        self.telemetry.start()
 
     def _work(self):
         self.start_up()
@@ -345,6 +349,7 @@ class Agent:
 
     def stop(self):
         self.stopping.set()
+        self.telemetry.stop()
         if self.connected.is_set():
             try:
                 self.publish_status("offline").wait_for_publish(2)

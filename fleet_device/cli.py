@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from . import __version__
+from . import __version__, wire
 
 log = logging.getLogger("fleet_device")
 
@@ -65,6 +65,35 @@ exit codes:
 """
 
 
+def _sources(text: str) -> tuple:
+    from .telemetry import BUILTIN_SOURCES
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in BUILTIN_SOURCES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown source {unknown[0]!r}; known: {', '.join(BUILTIN_SOURCES)}")
+    return names
+
+
+def _file_source(text: str):
+    from .telemetry import parse_file_source
+
+    try:
+        return parse_file_source(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number ≥ 1")
+    return number
+
+
 def _env(name, default=None):
     return os.environ.get(name, default)
 
@@ -92,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
     run.add_argument("--health-timeout", type=float, default=float(_env("FLEET_HEALTH_TIMEOUT", "60")),
                      help="seconds a container with a HEALTHCHECK has to become healthy (FLEET_HEALTH_TIMEOUT)")
+
+    telemetry = run.add_argument_group("telemetry")
+    telemetry.add_argument("--telemetry-interval", type=float, default=float(_env("FLEET_TELEMETRY_INTERVAL", "60")),
+                           help="seconds between readings of the built-in sources (FLEET_TELEMETRY_INTERVAL)")
+    telemetry.add_argument("--telemetry-sources", type=_sources, default=_env("FLEET_TELEMETRY_SOURCES", "uptime,cpu_temp"),
+                           help="built-in sources, comma-separated, from: uptime, cpu_temp; empty for none "
+                                "(FLEET_TELEMETRY_SOURCES)")
+    telemetry.add_argument("--telemetry-file", type=_file_source, action="append", default=[], metavar="FIELD=PATH[*SCALE]",
+                           help="read FIELD from a numeric file, e.g. a sysfs voltage; repeatable")
+    telemetry.add_argument("--gpsd", type=_address, default=_env("FLEET_GPSD"),
+                           help="HOST:PORT of a gpsd whose positions become track.pos.loc (FLEET_GPSD)")
+    telemetry.add_argument("--telemetry-buffer", type=_positive, default=_env("FLEET_TELEMETRY_BUFFER", "100000"),
+                           help="readings kept on disk while offline; the oldest go first (FLEET_TELEMETRY_BUFFER)")
+    telemetry.add_argument("--telemetry-batch", type=_positive, default=_env("FLEET_TELEMETRY_BATCH", "500"),
+                           help="largest number of readings per published batch (FLEET_TELEMETRY_BATCH)")
 
     run.add_argument("--reconnect-window", type=float, default=float(_env("FLEET_RECONNECT_WINDOW", "12")),
                      help="seconds over which the first reconnection after losing the broker is spread; "
@@ -158,6 +202,7 @@ def run(args) -> int:
     from .agent import Agent, AgentConfig
     from .local_api import LocalApi
     from .provisioning import check_broker_certificate
+    from .telemetry import TelemetryConfig
 
     try:
         _with_identity(args)
@@ -190,6 +235,14 @@ def run(args) -> int:
         settle_seconds=args.settle,
         reconnect_window=args.reconnect_window,
         health_timeout=args.health_timeout,
+        telemetry=TelemetryConfig(
+            interval=args.telemetry_interval,
+            sources=args.telemetry_sources,
+            files=tuple(args.telemetry_file),
+            gpsd=args.gpsd,
+            capacity=args.telemetry_buffer,
+            batch_size=min(args.telemetry_batch, wire.MAX_BATCH_READINGS),
+        ),
     )
     try:
         agent = Agent(config)

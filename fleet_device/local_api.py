@@ -12,7 +12,9 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from . import wire
 from .commands import CommandError, execute
+from .telemetry import reading_from_request
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,32 @@ def execute_command(agent, body, unit_id):
         return 200, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
     return 200, {"state": "succeeded", "return": value}
 
+
+
+@route("POST", r"/logbook/?")
+def push_readings(agent, body):
+    """Programs on the device log readings: one `{field, type, value, ts?}` or a list of them.
+
+    202: the readings are on disk and will be sent; the whole request is refused if one is wrong.
+    """
+    items = body if isinstance(body, list) else [body]
+    if not items or len(items) > wire.MAX_BATCH_READINGS:
+        raise LocalApiError(400, f"send one reading or a list of 1 to {wire.MAX_BATCH_READINGS}")
+    readings = []
+    for position, item in enumerate(items):
+        try:
+            readings.append(reading_from_request(item))
+        except wire.WireError as exc:
+            where = f"[{position}] " if isinstance(body, list) else ""
+            raise LocalApiError(400, f"{where}{exc}") from None
+    agent.telemetry.add(readings)
+    return 202, {"accepted": len(readings)}
+
+
+@route("GET", r"/logbook/?")
+def telemetry_status(agent, body):
+    """How many readings wait, are in flight, were dropped by the full buffer; batches sent."""
+    return 200, agent.telemetry.stats()
 
 class LocalApi:
     def __init__(self, agent, host: str, port: int):

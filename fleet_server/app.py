@@ -80,13 +80,15 @@ def register_blueprints(app):
     from .deployments.views import blp as deployments
     from .devices.views import blp as devices
     from .health.views import blp as health
+    from .logbook.views import blp as logbook
     from .projects.views import blp as projects
     from .provisioning.views import blp as provisioning, register_blp as register
     from .registries.views import blp as registries
     from .releases.views import blp as releases
     from .tokens.views import blp as tokens
 
-    for blueprint in (health, registries, projects, releases, devices, deployments, tokens, provisioning, register):
+    for blueprint in (health, registries, projects, releases, devices, deployments, logbook, tokens, provisioning,
+                      register):
         extensions.api.register_blueprint(blueprint)
 
 

@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 from fleet_device import wire
 
 from .extensions import db
+from .logbook.service import record_telemetry
 from .models import Deployment, Device, Release, release_devices
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def record_status(device: Device, status: dict):
 _HANDLERS = {
     "deployments": (wire.deployment_report, record_deployment),
     "status": (wire.status_message, record_status),
+    "telemetry": (wire.telemetry_batch, record_telemetry),
 }
 KINDS = tuple(_HANDLERS)
 

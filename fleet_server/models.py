@@ -165,3 +165,4 @@ class Publication(db.Model):
 # Models of other features, imported here so Alembic and the app see them.
 from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
 from .worker_sessions import IngestSession  # noqa: E402,F401  (ingest workers' broker sessions)
+from .logbook import models as _logbook_models  # noqa: E402,F401

@@ -112,7 +112,7 @@ class Stack:
         assert response.status_code == 201, response.text
         return response.json()
 
-    def start_agent(self, device: dict, settle=1.0, state_dir: Path | None = None) -> Agent:
+    def start_agent(self, device: dict, settle=1.0, state_dir: Path | None = None, extra_args=()) -> Agent:
         unit_id = device["unit_id"]
         state_dir = state_dir or self.tmp / f"agent-{unit_id[:8]}"
         port = free_port()
@@ -122,6 +122,7 @@ class Stack:
             "--api", f"127.0.0.1:{port}", "--minion-id-file", str(state_dir / "minion_id"), "--settle", str(settle),
             # One agent needs no spreading; tests that restart the broker should not wait for it.
             "--reconnect-window", "2",
+            *extra_args,
         ]
         process = Process(args, env, self.tmp / f"agent-{unit_id[:8]}.log").start()
         self.processes.append(process)

@@ -1,0 +1,383 @@
+"""Device telemetry: readings from sources, buffered on disk, published in batches that are sent once.
+
+Readings come from programs on the device (the local API's `POST /logbook/`) and from
+built-in sources that read real system data (uptime, CPU temperature, any numeric file
+such as a sysfs voltage, gpsd positions). They wait in an SQLite file in the state
+directory until the broker takes them, so a device that is offline keeps them, up to a
+bound past which the oldest are dropped and counted.
+
+A batch gets its id when it is formed and is stored, id and bytes, until the broker
+acknowledges it. After a reconnect or a restart the same batch is sent again with the same
+id, and the server stores each (device, batch id) once: nothing is stored twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from marshmallow import ValidationError
+
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    payload: bytes
+    readings: int
+
+
+class TelemetryBuffer:
+    """Readings waiting to be sent and the batch in flight, in one SQLite file.
+
+    Readings are numbered in arrival order and only ever removed from the oldest end (to form
+    a batch or to make room), so the waiting ones are always one contiguous run of numbers.
+    """
+
+    def __init__(self, path: Path, capacity: int = 100_000, batch_size: int = 500):
+        if capacity < 1 or not 1 <= batch_size <= wire.MAX_BATCH_READINGS:
+            raise ValueError(f"capacity must be ≥ 1 and batch size 1..{wire.MAX_BATCH_READINGS}")
+        self.capacity = capacity
+        self.batch_size = batch_size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # WAL + FULL: a reading acknowledged to its producer is on disk, and a power loss
+        # leaves the file consistent.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS reading (seq INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS batch (batch_id TEXT PRIMARY KEY, payload BLOB NOT NULL,"
+                             " readings INTEGER NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            self._db.execute("INSERT OR IGNORE INTO counter VALUES ('dropped', 0)")
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def add(self, readings: list[dict]) -> int:
+        """Store checked readings; returns how many old ones were dropped to stay within capacity."""
+        if not readings:
+            return 0
+        bodies = [(json.dumps(r, separators=(",", ":")),) for r in readings]
+        with self._lock, self._transaction():
+            self._db.executemany("INSERT INTO reading (body) VALUES (?)", bodies)
+            oldest, newest = self._db.execute("SELECT min(seq), max(seq) FROM reading").fetchone()
+            excess = newest - oldest + 1 - self.capacity
+            if excess > 0:
+                self._db.execute("DELETE FROM reading WHERE seq < ?", (oldest + excess,))
+                self._db.execute("UPDATE counter SET value = value + ? WHERE name = 'dropped'", (excess,))
+                log.warning("telemetry buffer full (%d readings): dropped the %d oldest", self.capacity, excess)
+        return max(excess, 0)
+
+    def next_batch(self) -> Batch | None:
+        """The batch in flight, or a new one formed from the oldest readings; None when nothing waits."""
+        with self._lock:
+            row = self._db.execute("SELECT batch_id, payload, readings FROM batch ORDER BY rowid LIMIT 1").fetchone()
+            if row is not None:
+                return Batch(row[0], bytes(row[1]), row[2])
+            with self._transaction():
+                rows = self._db.execute("SELECT seq, body FROM reading ORDER BY seq LIMIT ?",
+                                        (self.batch_size,)).fetchall()
+                if not rows:
+                    return None
+                batch_id = uuid.uuid4().hex
+                payload = wire.telemetry_payload(batch_id, self.dropped_locked(), [body for _, body in rows])
+                self._db.execute("DELETE FROM reading WHERE seq <= ?", (rows[-1][0],))
+                self._db.execute("INSERT INTO batch VALUES (?, ?, ?)", (batch_id, payload, len(rows)))
+            return Batch(batch_id, payload, len(rows))
+
+    def mark_sent(self, batch_id: str):
+        """The broker has the batch: forget it."""
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM batch WHERE batch_id = ?", (batch_id,))
+
+    def dropped_locked(self) -> int:
+        return self._db.execute("SELECT value FROM counter WHERE name = 'dropped'").fetchone()[0]
+
+    def stats(self) -> dict:
+        with self._lock:
+            oldest, newest = self._db.execute("SELECT min(seq), max(seq) FROM reading").fetchone()
+            in_flight = self._db.execute("SELECT coalesce(sum(readings), 0) FROM batch").fetchone()[0]
+            return {
+                "waiting": 0 if oldest is None else newest - oldest + 1,
+                "in_flight": in_flight,
+                "dropped": self.dropped_locked(),
+                "capacity": self.capacity,
+            }
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK when the block raises."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def __enter__(self):
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, traceback):
+        self.connection.execute("ROLLBACK" if kind else "COMMIT")
+
+
+# --- readings -----------------------------------------------------------------
+
+def reading_from_request(item, now: float | None = None) -> dict:
+    """A reading posted to the local API, with `ts` (ISO 8601 or epoch seconds) defaulting to now.
+
+    Raises wire.WireError naming the key that is wrong.
+    """
+    if not isinstance(item, dict):
+        raise wire.WireError("a reading is an object {field, type, value, ts?}")
+    item = dict(item)
+    ts = item.get("ts")
+    if ts is None:
+        item["ts"] = time.time() if now is None else now
+    elif isinstance(ts, str):
+        try:
+            moment = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+        except ValueError:
+            raise wire.WireError(f"ts: {ts!r} is not an ISO 8601 date-time") from None
+        item["ts"] = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    try:
+        return wire.check_reading(item)
+    except ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"reading": exc.messages}
+        raise wire.WireError("; ".join(f"{key}: {' '.join(map(str, why))}" for key, why in messages.items())) from None
+
+
+# --- built-in sources -------------------------------------------------------------
+
+class SourceUnavailable(Exception):
+    """A source cannot read on this device (no such file, not a number)."""
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A number read from a file (sysfs, procfs, anything), times `scale`: e.g. a battery voltage."""
+
+    field: str
+    path: Path
+    scale: float = 1.0
+    kind: str = "double"
+
+    def read(self) -> dict:
+        try:
+            text = self.path.read_text().split()
+        except OSError as exc:
+            raise SourceUnavailable(f"{self.path}: {exc.strerror or exc}") from None
+        try:
+            number = float(text[0]) * self.scale
+        except (IndexError, ValueError):
+            raise SourceUnavailable(f"{self.path} does not start with a number") from None
+        return {"field": self.field, "type": self.kind, "ts": time.time(), "value": number}
+
+
+def uptime_source(proc: Path = Path("/proc/uptime")) -> FileSource:
+    return FileSource("sys.uptime", proc)
+
+
+def cpu_temperature_source(sysfs: Path = Path("/sys/class/thermal/thermal_zone0/temp")) -> FileSource:
+    # The kernel reports millidegrees Celsius.
+    return FileSource("sys.cpu.temp", sysfs, scale=0.001)
+
+
+BUILTIN_SOURCES = {"uptime": uptime_source, "cpu_temp": cpu_temperature_source}
+
+
+def parse_file_source(text: str) -> FileSource:
+    """`FIELD=PATH` or `FIELD=PATH*SCALE` (e.g. `obd.bat.voltage=/sys/.../voltage_now*0.000001`)."""
+    field, sep, rest = text.partition("=")
+    if not sep or not wire.FIELD_NAME.match(field) or not rest:
+        raise ValueError(f"{text!r}: expected FIELD=PATH or FIELD=PATH*SCALE")
+    path, star, scale = rest.rpartition("*") if "*" in rest else (rest, "", "1")
+    try:
+        factor = float(scale)
+    except ValueError:
+        raise ValueError(f"{text!r}: the scale {scale!r} is not a number") from None
+    return FileSource(field, Path(path), factor)
+
+
+def position_from_gpsd(line: bytes | str) -> dict | None:
+    """A `track.pos.loc` reading from one gpsd JSON report, or None when it carries no 2D fix."""
+    try:
+        report = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(report, dict) or report.get("class") != "TPV" or (report.get("mode") or 0) < 2:
+        return None
+    lat, lon = report.get("lat"), report.get("lon")
+    ts = time.time()
+    if isinstance(report.get("time"), str):
+        try:
+            ts = datetime.fromisoformat(report["time"].replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    try:
+        return wire.check_reading({"field": "track.pos.loc", "type": wire.GEO_POINT, "ts": ts,
+                                   "value": {"lat": lat, "lon": lon}})
+    except ValidationError:
+        return None
+
+
+# --- the running parts -----------------------------------------------------------------
+
+@dataclass
+class TelemetryConfig:
+    interval: float = 60.0
+    sources: tuple = ("uptime", "cpu_temp")
+    files: tuple = ()  # FileSource
+    gpsd: tuple | None = None  # (host, port)
+    capacity: int = 100_000
+    batch_size: int = 500
+    ack_timeout: float = 60.0
+
+
+class Telemetry:
+    """Owns the buffer and the threads that fill it (sources) and drain it (the batch publisher)."""
+
+    def __init__(self, unit_id: str, state_dir: Path, client, connected: threading.Event,
+                 config: TelemetryConfig | None = None):
+        self.config = config or TelemetryConfig()
+        self.topic = wire.device_topic(unit_id, "telemetry")
+        self.client = client
+        self.connected = connected
+        self.buffer = TelemetryBuffer(Path(state_dir) / "telemetry.db", self.config.capacity, self.config.batch_size)
+        self.sources = [BUILTIN_SOURCES[name]() for name in self.config.sources] + list(self.config.files)
+        self.stopping = threading.Event()
+        self.waiting = threading.Event()
+        self.sent_batches = self.source_failures = 0
+        self._threads: list[threading.Thread] = []
+
+    def add(self, readings: list[dict]) -> int:
+        dropped = self.buffer.add(readings)
+        self.waiting.set()
+        return dropped
+
+    def start(self):
+        targets = [("telemetry-publisher", self._publish_forever)]
+        if self.sources:
+            targets.append(("telemetry-sources", self._sample_forever))
+        if self.config.gpsd:
+            targets.append(("telemetry-gpsd", self._follow_gpsd))
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self):
+        self.stopping.set()
+        self.waiting.set()
+        for thread in self._threads:
+            thread.join(5)
+        self.buffer.close()
+
+    # --- sources -----------------------------------------------------------
+
+    def sample(self) -> list[dict]:
+        """Read every built-in source once; an unavailable source is logged and skipped."""
+        readings = []
+        for source in self.sources:
+            try:
+                readings.append(wire.check_reading(source.read()))
+            except (SourceUnavailable, ValidationError) as exc:
+                self.source_failures += 1
+                log.debug("telemetry source %s unavailable: %s", source.field, exc)
+        return readings
+
+    def _sample_forever(self):
+        unavailable = {s.field for s in self.sources if _unavailable(s)}
+        if unavailable:
+            log.info("telemetry sources not available on this device: %s", ", ".join(sorted(unavailable)))
+        while not self.stopping.is_set():
+            try:
+                self.add(self.sample())
+            except Exception:  # a full disk, a bug: sampling goes on next time
+                log.exception("telemetry sampling failed")
+            self.stopping.wait(self.config.interval)
+
+    def _follow_gpsd(self):
+        host, port = self.config.gpsd
+        last = 0.0
+        while not self.stopping.is_set():
+            try:
+                with socket.create_connection((host, port), timeout=10) as sock:
+                    sock.sendall(b'?WATCH={"enable":true,"json":true}\n')
+                    log.info("following gpsd at %s:%s", host, port)
+                    for line in sock.makefile("rb"):
+                        if self.stopping.is_set():
+                            return
+                        reading = position_from_gpsd(line)
+                        # gpsd reports about once a second; keep at most one position per interval.
+                        if reading is not None and reading["ts"] - last >= min(self.config.interval, 1.0):
+                            self.add([reading])
+                            last = reading["ts"]
+            except OSError as exc:
+                log.debug("gpsd at %s:%s not answering: %s", host, port, exc)
+            self.stopping.wait(10)
+
+    # --- publishing ---------------------------------------------------------
+
+    def _publish_forever(self):
+        while not self.stopping.is_set():
+            if not self.connected.wait(0.5):
+                continue
+            try:
+                batch = self.buffer.next_batch()
+            except (sqlite3.Error, wire.WireError):
+                log.exception("cannot form a telemetry batch")
+                self.stopping.wait(5)
+                continue
+            if batch is None:
+                self.waiting.wait(1.0)
+                self.waiting.clear()
+                continue
+            if self._send(batch):
+                self.buffer.mark_sent(batch.batch_id)
+                self.sent_batches += 1
+                log.debug("telemetry batch %s sent readings=%d", batch.batch_id, batch.readings)
+
+    def _send(self, batch: Batch) -> bool:
+        """Publish at QoS 1 and wait for the broker's acknowledgement.
+
+        paho re-sends an unacknowledged message itself after a reconnect; if the wait still
+        runs out, the caller sends the batch again under the same id and the server drops the copy.
+        """
+        info = self.client.publish(self.topic, batch.payload, qos=1)
+        deadline = time.monotonic() + self.config.ack_timeout
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                info.wait_for_publish(0.5)
+            except (RuntimeError, ValueError) as exc:
+                log.info("telemetry batch %s not accepted by paho (%s); will resend", batch.batch_id, exc)
+                self.stopping.wait(1)
+                return False
+            if info.is_published():
+                return True
+        return False
+
+    def stats(self) -> dict:
+        return {**self.buffer.stats(), "sent_batches": self.sent_batches, "source_failures": self.source_failures}
+
+
+def _unavailable(source) -> bool:
+    try:
+        source.read()
+        return False
+    except SourceUnavailable:
+        return True

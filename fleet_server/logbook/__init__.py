@@ -1,0 +1,1 @@
+"""The logbook: device telemetry stored by the ingest worker and read back raw or aggregated."""

@@ -1,0 +1,172 @@
+"""The logbook on a real database: batches stored through the ingest path, read back as the seed shows."""
+import json
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from fleet_device import wire
+from fleet_server import ingest
+from fleet_server.extensions import db
+from fleet_server.logbook.models import TelemetryBatch, TelemetryReading
+
+READ = "/logbook/storage/read/"
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def voltage(iso, value, field="obd.bat.voltage", kind="float"):
+    return {"field": field, "type": kind, "ts": _epoch(iso), "value": value}
+
+
+def position(iso, lat, lon):
+    return {"field": "track.pos.loc", "type": "geo_point", "ts": _epoch(iso), "value": {"lat": lat, "lon": lon}}
+
+
+@pytest.fixture
+def device(client, auth):
+    return client.post("/dongle/devices/", json={"name": "dongle"}, headers=auth).get_json()
+
+
+@pytest.fixture
+def send(app, device):
+    """Deliver a batch through the worker's ingest path, as if it came from the device's topic."""
+
+    def deliver(readings, batch_id=None, unit_id=None, dropped=0):
+        payload = wire.encode(wire.telemetry_batch, {"batch_id": batch_id or uuid.uuid4().hex,
+                                                     "dropped": dropped, "readings": readings})
+        with app.app_context():
+            return ingest.handle_message(wire.device_topic(unit_id or device["unit_id"], "telemetry"), payload)
+
+    return deliver
+
+
+def read(client, auth, device, **params):
+    query = {"device_id": device["id"], "from_utc": "2020-07-09T10:00:00.000Z", "to_utc": "2020-07-09T11:00:00.000Z",
+             **params}
+    return client.get(READ, query_string=query, headers=auth)
+
+
+def test_positions_come_back_in_the_seed_shape(client, auth, device, send):
+    assert send([
+        position("2020-07-09T10:11:59.248421Z", 57.04697, 9.93808),
+        position("2020-07-09T10:11:53.811839Z", 57.04699, 9.93909),
+        position("2020-07-09T09:59:59.999999Z", 1.0, 1.0),  # before from_utc
+        position("2020-07-09T11:00:00.000000Z", 2.0, 2.0),  # to_utc is excluded
+    ])
+    response = read(client, auth, device, field="track.pos.loc", field_type="geo_point")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == [
+        {"ts": "2020-07-09T10:11:53.811839Z", "location": {"lat": 57.04699, "lon": 9.93909}},
+        {"ts": "2020-07-09T10:11:59.248421Z", "location": {"lat": 57.04697, "lon": 9.93808}},
+    ]
+
+
+def test_battery_voltage_averaged_per_ten_minutes_comes_back_in_the_seed_shape(client, auth, device, send):
+    assert send([
+        voltage("2020-07-09T10:03:37.566Z", 13.25),
+        voltage("2020-07-09T10:03:41.415Z", 13.75),
+        voltage("2020-07-09T10:13:45.378Z", 13.5),
+        voltage("2020-07-09T10:17:02.250Z", 13.7),
+        voltage("2020-07-09T10:05:00Z", 99.0, field="obd.speed"),  # another field
+        voltage("2020-07-09T11:05:00Z", 99.0),  # outside the range
+    ])
+    response = read(client, auth, device, field="obd.bat.voltage", field_type="float", aggregation="avg",
+                    interval="10m")
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == [
+        {"max_ts": 1594289021415, "ts": "2020-07-09T10:03:37.566Z", "value": 13.5},
+        {"max_ts": 1594289822250, "ts": "2020-07-09T10:13:45.378Z", "value": 13.6},
+    ]
+
+
+def test_raw_numeric_readings_come_back_as_ts_and_value_in_time_order(client, auth, device, send):
+    send([voltage("2020-07-09T10:20:00.5Z", 12.0), voltage("2020-07-09T10:10:00Z", 11.5)])
+    body = read(client, auth, device, field="obd.bat.voltage", field_type="float").get_json()
+    assert body == [{"ts": "2020-07-09T10:10:00.000000Z", "value": 11.5},
+                    {"ts": "2020-07-09T10:20:00.500000Z", "value": 12.0}]
+
+
+@pytest.mark.parametrize("aggregation, expected", [("MIN", [1, 10]), ("Max", [5, 30]), ("sum", [6, 40]),
+                                                   ("AVG", [3.0, 20.0])])
+def test_each_aggregation_is_computed_per_bucket_whatever_its_case(client, auth, device, send, aggregation, expected):
+    send([voltage("2020-07-09T10:00:00Z", 1, "rpm", "int"), voltage("2020-07-09T10:00:09Z", 5, "rpm", "int"),
+          voltage("2020-07-09T10:00:10Z", 10, "rpm", "int"), voltage("2020-07-09T10:00:19.999Z", 30, "rpm", "int")])
+    body = read(client, auth, device, field="rpm", field_type="int", aggregation=aggregation, interval="10s").get_json()
+    assert [entry["value"] for entry in body] == expected
+    assert [entry["ts"] for entry in body] == ["2020-07-09T10:00:00.000Z", "2020-07-09T10:00:10.000Z"]
+    assert [entry["max_ts"] for entry in body] == [1594288809000, 1594288819999]
+
+
+def test_buckets_without_readings_are_left_out(client, auth, device, send):
+    send([voltage("2020-07-09T10:00:01Z", 1.0), voltage("2020-07-09T12:30:00Z", 2.0)])
+    body = read(client, auth, device, field="obd.bat.voltage", field_type="float", aggregation="max", interval="1h",
+                to_utc="2020-07-10T00:00:00Z").get_json()
+    assert [(e["ts"], e["value"]) for e in body] == [("2020-07-09T10:00:01.000Z", 1.0), ("2020-07-09T12:30:00.000Z", 2.0)]
+
+
+def test_a_redelivered_batch_is_stored_once(app, client, auth, device, send):
+    batch_id = uuid.uuid4().hex
+    readings = [voltage("2020-07-09T10:00:01Z", 1.0), voltage("2020-07-09T10:00:02Z", 2.0)]
+    assert send(readings, batch_id) and send(readings, batch_id)
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 2
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryBatch)) == 1
+
+
+def test_the_dropped_counter_a_device_reports_is_kept_with_its_batch(app, device, send):
+    send([voltage("2020-07-09T10:00:01Z", 1.0)], dropped=42)
+    with app.app_context():
+        assert db.session.scalars(db.select(TelemetryBatch.dropped)).one() == 42
+
+
+def test_a_batch_with_one_bad_reading_is_rejected_whole(app, device):
+    good = voltage("2020-07-09T10:00:01Z", 1.0)
+    bad = {"field": "x", "type": "int", "ts": 1.0, "value": 1.5}
+    payload = json.dumps({"v": 1, "batch_id": uuid.uuid4().hex, "readings": [good, bad]}).encode()
+    with app.app_context():
+        assert not ingest.handle_message(wire.device_topic(device["unit_id"], "telemetry"), payload)
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 0
+
+
+def test_a_batch_on_the_topic_of_an_unknown_device_is_rejected(app, send):
+    assert not send([voltage("2020-07-09T10:00:01Z", 1.0)], unit_id=str(uuid.uuid4()))
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 0
+
+
+def test_readings_of_one_device_are_never_read_as_another_s(client, auth, device, send):
+    other = client.post("/dongle/devices/", json={"name": "other"}, headers=auth).get_json()
+    send([voltage("2020-07-09T10:00:01Z", 1.0)], unit_id=other["unit_id"])
+    assert read(client, auth, device, field="obd.bat.voltage", field_type="float").get_json() == []
+    assert len(read(client, auth, other, field="obd.bat.voltage", field_type="float").get_json()) == 1
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"device_id": "no-such-device"}, "device_id"),
+    ({"from_utc": "2020-07-09T12:00:00Z"}, "from_utc"),
+    ({"from_utc": "yesterday"}, "from_utc"),
+    ({"to_utc": None}, "to_utc"),
+    ({"field_type": "text"}, "field_type"),
+    ({"field": None}, "field"),
+    ({"aggregation": "median", "interval": "10m"}, "aggregation"),
+    ({"aggregation": "avg"}, "interval"),
+    ({"interval": "10m"}, "aggregation"),
+    ({"aggregation": "avg", "interval": "10 minutes"}, "interval"),
+    ({"aggregation": "avg", "interval": "0s"}, "interval"),
+    ({"aggregation": "avg", "interval": "1s", "to_utc": "2020-07-10T10:00:00Z"}, "interval"),
+    ({"aggregation": "avg", "interval": "1m", "field_type": "geo_point"}, "aggregation"),
+    ({"colour": "red"}, "colour"),
+])
+def test_bad_parameters_get_400_naming_the_parameter(client, auth, device, params, field):
+    query = {"device_id": device["id"], "field": "obd.bat.voltage", "field_type": "float",
+             "from_utc": "2020-07-09T10:00:00Z", "to_utc": "2020-07-09T11:00:00Z", **params}
+    response = client.get(READ, query_string={k: v for k, v in query.items() if v is not None}, headers=auth)
+    assert response.status_code == 400, response.get_json()
+    assert field in response.get_json()["errors"], response.get_json()
+
+
+def test_the_logbook_needs_a_token(client, device):
+    assert client.get(READ, query_string={"device_id": device["id"]}).status_code == 401
