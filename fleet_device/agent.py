@@ -15,8 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import __version__, wire
+from . import __version__, logbuffer, wire
 from .deploy import Deployer, DeployError
+from .execution import CommandRunner
 from .state import ReleaseQueue
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class Agent:
         # Topic kind → handler(where, message). Each feature adds its own entry.
         self.handlers = {"releases": self._handle_release}
         self.subscriptions = [wire.release_subscription(self.unit_id)]
+        # Remote commands: run at most once each, off this thread, results kept until acknowledged.
+        self.recent_logs = logbuffer.install()
+        self.command_runner = CommandRunner(self, Path(config.state_dir) / "commands")
+        self.handlers["commands"] = self.command_runner.handle_message
+        self.subscriptions.append(wire.device_topic(self.unit_id, "commands"))
         self.client = self._make_client()
 
     # --- MQTT -------------------------------------------------------------------
@@ -98,6 +104,7 @@ class Agent:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self.command_runner.published
         # Spread reconnects after a broker restart so a fleet does not return in one burst.
         client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=30 + random.random() * 30)
         return client
@@ -109,6 +116,7 @@ class Agent:
         self.connected.set()
         client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
+        self.command_runner.connected()
         log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -230,6 +238,7 @@ class Agent:
             properties=properties,
         )
         self.client.loop_start()
+        self.command_runner.start()
         self._thread = threading.Thread(target=self._work, name="agent-messages", daemon=True)
         self._thread.start()
 
@@ -243,6 +252,7 @@ class Agent:
 
     def stop(self):
         self.stopping.set()
+        self.command_runner.stop()
         if self.connected.is_set():
             try:
                 self.publish_status("offline").wait_for_publish(2)

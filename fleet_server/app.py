@@ -56,10 +56,11 @@ def _configure_sqlite(app):
 
 
 def register_blueprints(app):
+    from .commands.views import blp as commands
     from .devices.views import blp as devices
     from .health.views import blp as health
     from .projects.views import blp as projects
     from .releases.views import blp as releases
 
-    for blueprint in (health, projects, releases, devices):
+    for blueprint in (health, projects, releases, devices, commands):
         extensions.api.register_blueprint(blueprint)

@@ -161,3 +161,8 @@ class Publication(db.Model):
     unit_id: Mapped[str] = mapped_column(db.String(36), index=True)
     project_id: Mapped[int] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# Feature modules define their models next to their code; importing them here lets the
+# app and Alembic see every table.
+from .commands import models as command_models  # noqa: E402,F401

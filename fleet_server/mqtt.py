@@ -78,7 +78,7 @@ class Publisher:
                 self._client = client
         return self._client
 
-    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None) -> bool:
+    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, properties=None) -> bool:
         """Publish and wait for the broker's acknowledgement; False if it did not come."""
         timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
         client = self._ensure_client()
@@ -88,7 +88,7 @@ class Publisher:
         if not self._connected.wait(connect_wait):
             log.warning("broker not reachable; publication left in the outbox topic=%s", topic)
             return False
-        return publish_and_wait(client, topic, payload, retain=retain, qos=qos, timeout=timeout)
+        return publish_and_wait(client, topic, payload, retain=retain, qos=qos, timeout=timeout, properties=properties)
 
     def close(self):
         if self._client is not None:
@@ -96,10 +96,10 @@ class Publisher:
             self._client.loop_stop()
 
 
-def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0) -> bool:
+def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0, properties=None) -> bool:
     if not client.is_connected():
         return False
-    info = client.publish(topic, payload, qos=qos, retain=retain)
+    info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
     try:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError) as exc:
