@@ -9,9 +9,10 @@ The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON 
                          means the result is sent once more, and the server ignores repeats).
 
 Replaying it at start-up gives the ids already accepted (never run again), the results still
-to send (sent on every connect), and the ids accepted that never got a result: the agent
-stopped while they ran, so they are reported failed. Past a bound it is rewritten atomically
-with only what is still needed.
+to send (sent on every connect), the most recent results (a command delivered again gets its
+result again: the server asks when a result it was acknowledged got lost on the way), and the
+ids accepted that never got a result: the agent stopped while they ran, so they are reported
+failed. Past a bound it is rewritten atomically with only what is still needed.
 
 Each command runs in a thread of its own, at most `max_parallel` at once, never on the MQTT
 network thread or the agent's message thread, so a long deploy does not hold up a ping. One
@@ -73,15 +74,18 @@ def _cap_error(text: str | None) -> str | None:
 class CommandJournal:
     """Which command ids were accepted, and which results the broker has not acknowledged yet."""
 
-    def __init__(self, directory: Path, remember: int = 2000):
+    def __init__(self, directory: Path, remember: int = 2000, recent_results: int = 100):
         self.path = Path(directory) / "journal.log"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.remember = remember
+        self.recent_results = recent_results
+        self.recent: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.accepted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.unfinished: set[str] = set()
         self.unsent: dict[str, dict] = {}
         self._entries = 0
+        self._compact_above = 3 * remember
         self._load()
         self._file = open(self.path, "ab")
 
@@ -108,6 +112,10 @@ class CommandJournal:
             self._remember(result["id"])
             self.unfinished.discard(result["id"])
             self.unsent[result["id"]] = result
+            self.recent[result["id"]] = result
+            self.recent.move_to_end(result["id"])
+            while len(self.recent) > self.recent_results:
+                self.recent.popitem(last=False)
         elif "acked" in entry:
             self.unsent.pop(entry["acked"], None)
         else:
@@ -147,6 +155,11 @@ class CommandJournal:
         with self._lock:
             return list(self.unsent.values())
 
+    def result(self, command_id: str) -> dict | None:
+        """The final result of a recent command, sent or not."""
+        with self._lock:
+            return self.recent.get(command_id) or self.unsent.get(command_id)
+
     def _append(self, entry: dict, sync: bool):
         """Write an entry (durably when `sync`), then let it count. Call with the lock held."""
         self._file.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
@@ -155,18 +168,23 @@ class CommandJournal:
             os.fsync(self._file.fileno())
         self._apply(entry)
         self._entries += 1
-        if self._entries > 3 * self.remember:
+        if self._entries > self._compact_above:
             self._compact()
 
     def _compact(self):
         accepted = [*self.accepted, *(i for i in self.unfinished if i not in self.accepted)]
-        entries = [{"accepted": command_id} for command_id in accepted if command_id not in self.unsent]
-        entries += [{"result": result} for result in self.unsent.values()]
+        kept = {**self.recent, **self.unsent}
+        entries = [{"accepted": command_id} for command_id in accepted if command_id not in kept]
+        for command_id, result in kept.items():
+            entries.append({"result": result})
+            if command_id not in self.unsent:
+                entries.append({"acked": command_id})
         data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
         self._file.close()
         write_atomically(self.path, data)
         self._file = open(self.path, "ab")
         self._entries = len(entries)
+        self._compact_above = max(3 * self.remember, 2 * len(entries))  # never compact on every append
         log.debug("compacted %s to %d entries", self.path, len(entries))
 
     def close(self):
@@ -268,7 +286,7 @@ class CommandRunner:
                           run.correlation, durable=False)
             return
         if not fresh:
-            log.info("command=%s delivered again; it runs only once", command_id)
+            self._answer_repeat(command_id, run.correlation)
             return
         log.info("command=%s name=%s accepted", command_id, run.name)
         if run.expired():
@@ -280,6 +298,22 @@ class CommandRunner:
             started = self._start_waiting_locked()
         self._wakeup.set()
         self._report_started(started)
+
+    def _answer_repeat(self, command_id: str, correlation: bytes | None):
+        """The command came again: say how it stands (the server asks when it heard nothing), never rerun it."""
+        with self._lock:
+            run = self._active.get(command_id)
+            state = run.state if run else None
+            started_at = run.started_at if run else None
+        result = None if run else self.journal.result(command_id)
+        if run is not None:
+            log.info("command=%s delivered again; it is %s", command_id, state)
+            self._publish(self._result(command_id, state, started_at=started_at), correlation, durable=False)
+        elif result is not None:
+            log.info("command=%s delivered again; it ran already, its result is sent again", command_id)
+            self._publish(result, correlation, durable=False)
+        else:
+            log.info("command=%s delivered again; it ran long ago and runs only once", command_id)
 
     # --- local API -------------------------------------------------------------------------
 
@@ -464,7 +498,7 @@ class CommandRunner:
 
     def _confirm_published(self):
         with self._lock:
-            done = [command_id for command_id, info in self._in_flight.items() if info.is_published()]
+            done = [command_id for command_id, info in self._in_flight.items() if _acknowledged(info)]
             for command_id in done:
                 del self._in_flight[command_id]
         for command_id in done:
@@ -478,6 +512,13 @@ class CommandRunner:
             if result["id"] not in in_flight:
                 log.info("command=%s resending its %s result", result["id"], result["state"])
                 self._publish(result, None, durable=True)
+
+
+def _acknowledged(info) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # published while disconnected: paho sends it on reconnect
+        return False
 
 
 def _timeout_error(timeout: float) -> str:

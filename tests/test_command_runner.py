@@ -109,7 +109,7 @@ def test_a_torn_last_line_is_skipped(tmp_path):
 
 
 def test_the_journal_stays_bounded_but_keeps_what_is_still_needed(tmp_path):
-    journal = CommandJournal(tmp_path, remember=10)
+    journal = CommandJournal(tmp_path, remember=10, recent_results=5)
     journal.accept("unsent")
     journal.record_result(_result("unsent"))
     for n in range(100):
@@ -118,9 +118,10 @@ def test_the_journal_stays_bounded_but_keeps_what_is_still_needed(tmp_path):
         journal.acknowledge(f"id-{n}")
     journal.close()
     assert len((tmp_path / "journal.log").read_bytes().splitlines()) <= 3 * 10 + 1
-    again = CommandJournal(tmp_path, remember=10)
+    again = CommandJournal(tmp_path, remember=10, recent_results=5)
     assert again.seen("id-99") and not again.seen("id-0")
     assert [r["id"] for r in again.pending_results()] == ["unsent"]
+    assert again.result("id-99")["state"] == "succeeded" and again.result("id-0") is None
 
 
 # --- the runner ----------------------------------------------------------------------------
@@ -189,16 +190,31 @@ def test_a_command_runs_and_its_result_names_the_command(agent, runner):
     assert properties.CorrelationData == message.id.encode()
 
 
-def test_the_same_command_id_runs_once_even_after_a_restart(agent, runner, tmp_path):
-    message = _message(agent.unit_id)
+@pytest.fixture
+def counting_command(monkeypatch):
+    calls = []
+
+    @commands.command("test.count")
+    def count(agent):
+        calls.append(1)
+        return len(calls)
+
+    yield calls
+    monkeypatch.delitem(commands.COMMANDS, "test.count")
+
+
+def test_the_same_command_id_runs_once_and_a_repeat_gets_the_same_result_even_after_a_restart(
+    agent, runner, tmp_path, counting_command
+):
+    message = _message(agent.unit_id, "test.count")
     runner.handle_message(None, message)
+    (first,) = _final(agent, message.id)
     runner.handle_message(None, message)
-    _final(agent, message.id)
     runner.stop()
     restarted = CommandRunner(agent, tmp_path / "commands")
     restarted.handle_message(None, message)
-    time.sleep(0.2)
-    assert len(agent.client.results(message.id)) == 1
+    assert counting_command == [1]
+    assert agent.client.results(message.id) == [first, first, first]
 
 
 def test_an_expired_command_is_reported_expired_and_never_run(agent, runner, slow_command):

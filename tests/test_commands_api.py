@@ -161,7 +161,7 @@ def test_the_sweep_publishes_an_unsent_command_with_mqtt_v5_properties(app, clie
     assert _stored(app, command["id"]).published_at is None  # no broker in this test
     published = []
     with app.app_context():
-        db.session.execute(db.update(Command).values(created_at=utcnow() - timedelta(seconds=5)))
+        db.session.execute(db.update(Command).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
         db.session.commit()
         assert service.publish_pending(lambda *message: published.append(message) or True) == 1
         assert service.publish_pending(lambda *message: published.append(message) or True) == 0
@@ -182,3 +182,39 @@ def test_a_late_result_overturns_an_expiry_the_server_decided(app, client, auth,
     assert _stored(app, command["id"]).state == "expired"
     assert _result(app, device, command["id"], "succeeded", **{"return": True})
     assert _stored(app, command["id"]).state == "succeeded"
+
+
+def _sweep(app, at):
+    """Run the worker's sweep as if the clock showed `at`; returns what it published."""
+    published = []
+    with app.app_context():
+        db.session.execute(db.update(Command).where(Command.next_attempt_at.is_not(None))
+                           .values(next_attempt_at=at - timedelta(seconds=1)))
+        db.session.commit()
+        service.publish_pending(lambda *message: published.append(message) or True)
+    return published
+
+
+def test_an_unfinished_command_is_asked_for_again_with_a_short_lived_repeat(app, client, auth, device):
+    command = _execute(client, auth, device, command="state.sls", arg=["docker.release"], ttl=3600).get_json()
+    (first,) = _sweep(app, utcnow())
+    assert first[2].MessageExpiryInterval > 3500  # the first copy waits out the TTL for a sleeping device
+    assert _result(app, device, command["id"], "running", started_at=time.time())
+    (repeat,) = _sweep(app, utcnow())
+    assert wire.decode(wire.command_message, repeat[1])["id"] == uuid.UUID(command["id"])
+    assert repeat[2].MessageExpiryInterval == 20  # lives until the next repeat, no longer
+    stored = _stored(app, command["id"])
+    assert stored.attempts == 2 and stored.next_attempt_at > utcnow() + timedelta(seconds=15)
+
+
+def test_a_finished_command_is_never_asked_for_again(app, client, auth, device):
+    command = _execute(client, auth, device, command="test.ping").get_json()
+    assert _result(app, device, command["id"], "succeeded", **{"return": True})
+    assert _sweep(app, utcnow()) == []
+    assert _stored(app, command["id"]).next_attempt_at is None
+
+
+def test_the_interval_between_repeats_grows_to_a_bound():
+    intervals = [service.retry_interval(n).total_seconds() for n in range(1, 12)]
+    assert intervals[:4] == [10, 20, 40, 80] and intervals[-1] == 600 and intervals == sorted(intervals)
+    assert service.retry_interval(10**6).total_seconds() == 600

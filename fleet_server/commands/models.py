@@ -11,8 +11,12 @@ from ..models import Device, UTCDateTime, new_uuid, utcnow
 class Command(db.Model):
     """A command for one device, from the POST that created it to the result the device reported.
 
-    `published_at` is when the broker took the message (null: still in the server's hands, the
-    worker's sweep retries). `device_reported_at` is the device's clock of its latest report
+    `published_at` is when the broker first took the message (null: still in the server's hands).
+    `next_attempt_at` is when the worker's sweep (re)publishes it if no final result came by
+    then: an unfinished command is asked for again with a growing interval, because a result
+    the broker acknowledged can still be lost (a broker restart drops shared subscriptions
+    until a worker reconnects); the device answers a repeat from the results it keeps and never
+    runs a command twice. `device_reported_at` is the device's clock of its latest report
     (null: the device never said anything about it, so a server-side `expired` may still be
     overturned by a late report).
     """
@@ -31,6 +35,8 @@ class Command(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -3,7 +3,9 @@
 A command is committed before it is published, so a result can never arrive for a row that
 does not exist yet. Publishing happens right after the commit from the web process; what
 the broker did not take stays `queued` with no `published_at`, and every worker's sweep
-publishes it later, unless its TTL passed first: then it is `expired` and never sent.
+publishes it later, unless its TTL passed first: then it is `expired` and never sent. The
+sweep also asks again for commands that have no final result after a while (see
+`Command.next_attempt_at`).
 """
 import json
 import logging
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 # A sweep leaves a command this long to the web process that just created it, so the two
 # rarely send it both (the device would run it once anyway: it remembers command ids).
 SWEEP_GRACE = timedelta(seconds=2)
+# An unfinished command is asked for again after 10 s, 20 s, 40 s ... at most every 10 minutes.
+FIRST_RETRY = timedelta(seconds=10)
+LAST_RETRY = timedelta(minutes=10)
+GIVE_UP_AFTER = timedelta(days=8) + timedelta(seconds=wire.MAX_COMMAND_TIMEOUT)
 EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; it was not run"
 
 
@@ -51,6 +57,7 @@ def create_command(device_pk: str, data: dict) -> Command:
         state="queued",
         created_at=now,
         expires_at=now + timedelta(seconds=data["ttl"]),
+        next_attempt_at=now + SWEEP_GRACE,
     )
     db.session.add(command)
     db.session.commit()
@@ -73,10 +80,23 @@ def commands_query(device_pk: str):
 
 # --- publishing ---------------------------------------------------------------------
 
+def retry_interval(attempts: int) -> timedelta:
+    """How long after its `attempts`-th publication an unfinished command is asked for again."""
+    return min(FIRST_RETRY * 2 ** min(max(attempts - 1, 0), 16), LAST_RETRY)
+
+
 def message_for(command: Command, unit_id: str, now: datetime):
-    """(topic, payload, MQTT v5 properties) of a command, or None when its TTL already passed."""
+    """(topic, payload, MQTT v5 properties) of the command's next publication, or None when its
+    TTL passed before the device had it."""
     remaining = (command.expires_at - now).total_seconds()
-    if remaining <= 0:
+    if command.attempts == 0:
+        expiry = remaining  # the first copy waits for a sleeping device as long as the TTL allows
+    else:
+        # A repeat lives only until the next one, so a sleeping device's queue holds one at most.
+        expiry = retry_interval(command.attempts + 1).total_seconds()
+        if command.state == "queued":
+            expiry = min(expiry, remaining)
+    if command.state == "queued" and remaining <= 0:
         return None
     payload = wire.encode(
         wire.command_message,
@@ -92,13 +112,19 @@ def message_for(command: Command, unit_id: str, now: datetime):
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = wire.device_topic(unit_id, "results")
     properties.CorrelationData = command.id.encode()
-    properties.MessageExpiryInterval = max(1, math.ceil(remaining))
+    properties.MessageExpiryInterval = max(1, math.ceil(expiry))
     return wire.device_topic(unit_id, "commands"), payload, properties
 
 
-def _mark_published(command_id: str, when: datetime):
-    # Only this column: a result may already have been stored by a worker meanwhile.
-    db.session.execute(db.update(Command).where(Command.id == command_id).values(published_at=when))
+def _mark_published(command: Command, when: datetime):
+    # Only these columns, and only while unfinished: a worker may have stored the result meanwhile.
+    attempts = command.attempts + 1
+    db.session.execute(
+        db.update(Command)
+        .where(Command.id == command.id, Command.state.not_in(wire.FINAL_COMMAND_STATES))
+        .values(published_at=db.func.coalesce(Command.published_at, when), attempts=attempts,
+                next_attempt_at=when + retry_interval(attempts))
+    )
     db.session.commit()
 
 
@@ -113,7 +139,7 @@ def _publish_now(command: Command):
             return
         topic, payload, properties = message
         if publisher_for(current_app).publish(topic, payload, properties=properties):
-            _mark_published(command.id, now)
+            _mark_published(command, now)
             log.info("command=%s device=%s published", command.id, command.device_id)
     except Exception:  # the command is stored; the request succeeded either way
         log.exception("publishing command %s failed; the worker will retry", command.id)
@@ -126,7 +152,7 @@ def expire_overdue(now: datetime | None = None) -> int:
     result = db.session.execute(
         db.update(Command)
         .where(Command.state == "queued", Command.expires_at <= now)
-        .values(state="expired", error=EXPIRED_UNSENT, completed_at=now)
+        .values(state="expired", error=EXPIRED_UNSENT, completed_at=now, next_attempt_at=None)
     )
     db.session.commit()
     if result.rowcount:
@@ -135,7 +161,8 @@ def expire_overdue(now: datetime | None = None) -> int:
 
 
 def publish_pending(publish, limit: int = 500) -> int:
-    """Expire what is overdue, then publish unsent commands with `publish(topic, payload, properties) -> bool`.
+    """Expire what is overdue, then (re)publish every unfinished command that is due, with
+    `publish(topic, payload, properties) -> bool`.
 
     Returns how many were published; stops at the first the broker does not take.
     """
@@ -144,18 +171,27 @@ def publish_pending(publish, limit: int = 500) -> int:
     rows = db.session.execute(
         db.select(Command, Device.unit_id)
         .join(Device, Device.id == Command.device_id)
-        .where(Command.state == "queued", Command.published_at.is_(None), Command.created_at <= now - SWEEP_GRACE)
-        .order_by(Command.created_at)
+        .where(Command.state.not_in(wire.FINAL_COMMAND_STATES), Command.next_attempt_at <= now)
+        .order_by(Command.next_attempt_at)
         .limit(limit)
     ).all()
     sent = 0
     for command, unit_id in rows:
+        if now - command.created_at > GIVE_UP_AFTER:
+            # The device never answered in a day past any timeout: stop asking, keep what is known.
+            db.session.execute(db.update(Command).where(Command.id == command.id).values(next_attempt_at=None))
+            db.session.commit()
+            log.warning("command=%s device=%s gave up asking for its result", command.id, command.device_id)
+            continue
         message = message_for(command, unit_id, utcnow())
         if message is None:
             continue  # expired in the meantime; the next sweep marks it
         if not publish(*message):
             break
-        _mark_published(command.id, utcnow())
+        if command.attempts:
+            log.info("command=%s state=%s asked for again (attempt %d)", command.id, command.state,
+                     command.attempts + 1)
+        _mark_published(command, utcnow())
         sent += 1
     db.session.rollback()
     return sent
@@ -199,4 +235,5 @@ def record_result(device: Device, report: dict) -> Command:
         command.truncated = report["truncated"]
         command.finished_at = _moment(report["finished_at"])
         command.completed_at = now
+        command.next_attempt_at = None
     return command

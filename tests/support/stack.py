@@ -1,6 +1,7 @@
 """Fixtures that run Fleet itself: the app in-process, and the real server, worker and agents as processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -172,17 +173,17 @@ def remove_agent_containers(docker_client, unit_ids):
             container.remove(force=True)
 
 
-@pytest.fixture
-def stack(broker, docker_client, tmp_path):
-    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database."""
-    env = server_env(tmp_path, broker.url)
+@contextlib.contextmanager
+def running_stack(broker_url: str, docker_client, tmp: Path):
+    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database in `tmp`."""
+    env = server_env(tmp, broker_url)
     _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
     token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
     port = free_port()
-    running = Stack(f"http://127.0.0.1:{port}", token, env, tmp_path, broker.url)
+    running = Stack(f"http://127.0.0.1:{port}", token, env, tmp, broker_url)
     server = Process(
         _command("fleet-server") + ["serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env,
-        tmp_path / "server.log",
+        tmp / "server.log",
     ).start()
     running.processes.append(server)
     running.start_worker()
@@ -193,6 +194,13 @@ def stack(broker, docker_client, tmp_path):
         for process in reversed(running.processes):
             process.stop()
         remove_agent_containers(docker_client, [a.unit_id for a in running.agents])
+
+
+@pytest.fixture
+def stack(broker, docker_client, tmp_path):
+    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database."""
+    with running_stack(broker.url, docker_client, tmp_path) as running:
+        yield running
 
 
 @pytest.fixture

@@ -30,6 +30,8 @@ def upgrade():
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("expires_at", sa.DateTime(), nullable=False),
         sa.Column("published_at", sa.DateTime(), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(), nullable=True),
         sa.Column("delivered_at", sa.DateTime(), nullable=True),
         sa.Column("started_at", sa.DateTime(), nullable=True),
         sa.Column("finished_at", sa.DateTime(), nullable=True),
@@ -43,10 +45,12 @@ def upgrade():
         batch_op.create_index(batch_op.f("ix_command_device_id"), ["device_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_command_state"), ["state"], unique=False)
         batch_op.create_index(batch_op.f("ix_command_created_at"), ["created_at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_command_next_attempt_at"), ["next_attempt_at"], unique=False)
 
 
 def downgrade():
     with op.batch_alter_table("command", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_command_next_attempt_at"))
         batch_op.drop_index(batch_op.f("ix_command_created_at"))
         batch_op.drop_index(batch_op.f("ix_command_state"))
         batch_op.drop_index(batch_op.f("ix_command_device_id"))
