@@ -470,13 +470,20 @@ class CommandRunner:
     def _finish(self, run: CommandRun, state, value=None, error=None, truncated=False):
         result = self._result(run.id, state, value, error, truncated, run.started_at, time.time())
         log.info("command=%s name=%s state=%s", run.id, run.name, state)
+        # On disk before it is sent: a result the broker never acknowledged is sent again after a
+        # restart, rather than the command being reported as interrupted.
         try:
             self.journal.record_result(result)
             durable = True
         except OSError as exc:
-            log.error("command=%s result cannot be journaled (%s); sending it anyway", run.id, exc)
+            log.error("command=%s result cannot be journaled (%s); it is sent once, not kept", run.id, exc)
             durable = False
         self._publish(result, run.correlation, durable)
+
+    def _track(self, command_id: str, info):
+        with self._lock:
+            self._in_flight[command_id] = info
+        self._wakeup.set()
 
     def _publish(self, result: dict, correlation: bytes | None, durable: bool):
         properties = Properties(PacketTypes.PUBLISH)
@@ -489,12 +496,11 @@ class CommandRunner:
             try:
                 payload = wire.encode(wire.command_result, result)
             except wire.WireError:
-                return
+                return None
         info = self.agent.client.publish(self.results_topic, payload, qos=1, properties=properties)
         if durable and result["state"] in wire.FINAL_COMMAND_STATES:
-            with self._lock:
-                self._in_flight[result["id"]] = info
-            self._wakeup.set()
+            self._track(result["id"], info)
+        return info
 
     def _confirm_published(self):
         with self._lock:

@@ -27,9 +27,6 @@ from .models import Command
 
 log = logging.getLogger(__name__)
 
-# A sweep leaves a command this long to the web process that just created it, so the two
-# rarely send it both (the device would run it once anyway: it remembers command ids).
-SWEEP_GRACE = timedelta(seconds=2)
 # An unfinished command is asked for again after 10 s, 20 s, 40 s ... at most every 10 minutes.
 FIRST_RETRY = timedelta(seconds=10)
 LAST_RETRY = timedelta(minutes=10)
@@ -47,6 +44,8 @@ def create_command(device_pk: str, data: dict) -> Command:
     if size > wire.MAX_COMMAND_ARGUMENTS_BYTES:
         raise ValidationError("arg", f"arg and kwarg take {size} bytes; at most {wire.MAX_COMMAND_ARGUMENTS_BYTES}")
     now = utcnow()
+    # Stored as published already: the broker nearly always takes it, and one write less keeps
+    # the web process off the database lock while a worker stores the result. A failure undoes it.
     command = Command(
         device=device,
         command=data["command"],
@@ -57,11 +56,18 @@ def create_command(device_pk: str, data: dict) -> Command:
         state="queued",
         created_at=now,
         expires_at=now + timedelta(seconds=data["ttl"]),
-        next_attempt_at=now + SWEEP_GRACE,
+        published_at=now,
+        attempts=1,
+        next_attempt_at=now + retry_interval(1),
     )
     db.session.add(command)
     db.session.commit()
-    _publish_now(command)
+    unit_id = device.unit_id
+    db.session.refresh(command)
+    # Detached, the response shows the command as it was created, whatever a worker stores meanwhile.
+    db.session.expunge(command)
+    if not _publish_now(command, unit_id):
+        _mark_unpublished(command)
     return command
 
 
@@ -85,11 +91,11 @@ def retry_interval(attempts: int) -> timedelta:
     return min(FIRST_RETRY * 2 ** min(max(attempts - 1, 0), 16), LAST_RETRY)
 
 
-def message_for(command: Command, unit_id: str, now: datetime):
+def message_for(command: Command, unit_id: str, now: datetime, first: bool | None = None):
     """(topic, payload, MQTT v5 properties) of the command's next publication, or None when its
     TTL passed before the device had it."""
     remaining = (command.expires_at - now).total_seconds()
-    if command.attempts == 0:
+    if command.attempts == 0 if first is None else first:
         expiry = remaining  # the first copy waits for a sleeping device as long as the TTL allows
     else:
         # A repeat lives only until the next one, so a sleeping device's queue holds one at most.
@@ -128,22 +134,36 @@ def _mark_published(command: Command, when: datetime):
     db.session.commit()
 
 
-def _publish_now(command: Command):
-    """Hand a just-committed command to the broker; on failure the worker's sweep retries."""
+def _publish_now(command: Command, unit_id: str) -> bool:
+    """Hand a just-committed command to the broker; False if it did not take it."""
     from ..mqtt import publisher_for
 
     try:
-        now = utcnow()
-        message = message_for(command, command.device.unit_id, now)
+        message = message_for(command, unit_id, utcnow(), first=True)
         if message is None:
-            return
+            return False
         topic, payload, properties = message
         if publisher_for(current_app).publish(topic, payload, properties=properties):
-            _mark_published(command, now)
             log.info("command=%s device=%s published", command.id, command.device_id)
+            return True
     except Exception:  # the command is stored; the request succeeded either way
         log.exception("publishing command %s failed; the worker will retry", command.id)
         db.session.rollback()
+    return False
+
+
+def _mark_unpublished(command: Command):
+    """The broker did not take it: leave it to the worker's sweep, at once."""
+    try:
+        db.session.execute(
+            db.update(Command).where(Command.id == command.id, Command.attempts == 1)
+            .values(published_at=None, attempts=0, next_attempt_at=utcnow())
+        )
+        db.session.commit()
+    except Exception:  # the sweep asks again after the first interval anyway
+        log.exception("could not mark command %s unpublished", command.id)
+        db.session.rollback()
+    command.published_at, command.attempts = None, 0
 
 
 def expire_overdue(now: datetime | None = None) -> int:
