@@ -169,6 +169,9 @@ def _mark_unpublished(command: Command):
 def expire_overdue(now: datetime | None = None) -> int:
     """Mark `expired` every command still queued after its TTL; returns how many."""
     now = now or utcnow()
+    overdue = db.select(Command.id).where(Command.state == "queued", Command.expires_at <= now).limit(1)
+    if db.session.scalar(overdue) is None:
+        return 0  # the common case, read-only: no write lock taken every second per worker
     result = db.session.execute(
         db.update(Command)
         .where(Command.state == "queued", Command.expires_at <= now)
