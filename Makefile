@@ -2,7 +2,9 @@
 #
 #   make install   apt packages (only the missing ones), .venv, editable install
 #   make engine    start dockerd (loopback-only published ports) unless one answers
-#   make test      install + engine, then pytest $(PYTEST_ARGS)
+#   make test      install + engine, then pytest $(PYTEST_ARGS); the tests start their own
+#                  throwaway PostgreSQL cluster (Debian's postgresql, on a free loopback port)
+#                  unless FLEET_TEST_POSTGRES_URL names a server to use
 #   make run       install + engine, then `fleet-server devstack`
 #
 # Everything created at run time lives under var/ (gitignored).

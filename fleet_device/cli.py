@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the agent (MQTT link, release queue, local API)")
     run.add_argument("--unit-id", type=_unit_id, default=_env("FLEET_UNIT_ID"), help="this device's unit id (FLEET_UNIT_ID)")
-    run.add_argument("--broker", type=_broker, default=_env("FLEET_BROKER_URL", "mqtt://127.0.0.1:1883"),
-                     help="mqtt://HOST:PORT or mqtts://HOST:PORT (FLEET_BROKER_URL)")
+    run.add_argument("--broker", type=_broker, default=_env("FLEET_BROKER_URL"),
+                     help="mqtt://HOST:PORT or mqtts://HOST:PORT (FLEET_BROKER_URL; default: the registered "
+                          "broker, else mqtt://127.0.0.1:1883)")
     run.add_argument("--username", default=_env("FLEET_BROKER_USERNAME"), help="broker user (FLEET_BROKER_USERNAME)")
     run.add_argument("--password", default=_env("FLEET_BROKER_PASSWORD"), help="broker password (FLEET_BROKER_PASSWORD)")
     run.add_argument("--ca-file", default=_env("FLEET_BROKER_CA_FILE"), help="CA certificate for mqtts (FLEET_BROKER_CA_FILE)")
@@ -69,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--settle", type=float, default=float(_env("FLEET_SETTLE_SECONDS", "10")),
                      help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
 
+    register = commands.add_parser("register", help="exchange a provisioning token for this device's identity")
+    register.add_argument("--server", required=True, help="the Fleet server's URL, e.g. https://fleet.example.com")
+    register.add_argument("--token", default=_env("FLEET_PROVISIONING_TOKEN"),
+                          help="the one-time provisioning token (FLEET_PROVISIONING_TOKEN)")
+    register.add_argument("--state-dir", type=Path, default=Path(_env("FLEET_STATE_DIR", "/var/lib/fleet-device")),
+                          help="where the identity is kept (FLEET_STATE_DIR)")
+    register.add_argument("--hardware-id", default=_env("FLEET_HARDWARE_ID"),
+                          help="what tells this hardware apart (FLEET_HARDWARE_ID; default /etc/machine-id)")
+    register.add_argument("--name", default="", help="a name for people")
+
     sleep = commands.add_parser("sleep", help="the device is about to sleep: apply queued releases first")
     sleep.add_argument("--api", type=_address, default=_env("FLEET_LOCAL_API", "127.0.0.1:9000"),
                        help="the agent's local API HOST:PORT (FLEET_LOCAL_API)")
@@ -76,14 +87,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def register(args) -> int:
+    from .provisioning import RegistrationError, register as exchange
+
+    if not args.token:
+        print("fleet-device register: --token (or FLEET_PROVISIONING_TOKEN) is required", file=sys.stderr)
+        return 2
+    try:
+        identity = exchange(args.server, args.token, args.state_dir, hardware=args.hardware_id, name=args.name)
+    except (RegistrationError, OSError) as exc:
+        print(f"fleet-device register: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"id": identity.device_id, "unit_id": identity.unit_id, "broker": identity.broker_url,
+                      "state_dir": str(args.state_dir)}))
+    return 0
+
+
+def _with_identity(args):
+    """Fill what the command line left out from the identity `register` stored."""
+    from .provisioning import load_identity
+
+    identity = load_identity(args.state_dir)
+    if identity is None:
+        args.broker = args.broker or _broker("mqtt://127.0.0.1:1883")
+        return
+    args.unit_id = args.unit_id or identity.unit_id
+    args.broker = args.broker or _broker(identity.broker_url)
+    if args.username is None and identity.username:
+        args.username, args.password = identity.username, identity.password
+    args.ca_file = args.ca_file or identity.ca_file
+
+
 def run(args) -> int:
+    import ssl
+
     from .agent import Agent, AgentConfig
     from .local_api import LocalApi
+    from .provisioning import check_broker_certificate
 
+    try:
+        _with_identity(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"fleet-device run: the stored identity's broker: {exc}", file=sys.stderr)
+        return 2
     if not args.unit_id:
-        print("fleet-device run: --unit-id (or FLEET_UNIT_ID) is required", file=sys.stderr)
+        print("fleet-device run: --unit-id (or FLEET_UNIT_ID, or `fleet-device register`) is required", file=sys.stderr)
         return 2
     host, port, tls = args.broker
+    if tls:
+        try:
+            check_broker_certificate(host, port, args.ca_file)
+        except ssl.SSLCertVerificationError as exc:
+            print(f"fleet-device run: the broker at {host}:{port} presented a certificate that "
+                  f"{args.ca_file or 'the system CA store'} does not trust (certificate verify failed: {exc.verify_message or exc})", file=sys.stderr)
+            return 1
     config = AgentConfig(
         unit_id=args.unit_id,
         broker_host=host,
@@ -147,7 +204,7 @@ def main(argv=None) -> int:
         level=os.environ.get("FLEET_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     args = build_parser().parse_args(argv)
-    return {"run": run, "sleep": sleep}[args.command](args)
+    return {"run": run, "register": register, "sleep": sleep}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ def identity(agent, body):
     return 200, {"unit_id": agent.unit_id}
 
 
+@route("GET", r"/status/?")
+def agent_status(agent, body):
+    """Is the agent connected, and how many broker messages it rejected (malformed or not its own)."""
+    return 200, {"unit_id": agent.unit_id, "connected": agent.connected.is_set(),
+                 "messages": {"rejected": agent.rejected}}
+
+
 # The remote endpoint's body; `ttl` is accepted for the same body to work here, and means nothing
 # to a command that runs at once.
 _EXECUTE_FIELDS = {"command", "arg", "kwarg", "timeout", "ttl"}

@@ -36,6 +36,42 @@ class WireError(ValueError):
     """A message that does not follow the wire contract."""
 
 
+# --- Values that reach the device's filesystem or engine (issue 8: security) ---
+# The agent checks these itself too: a release document must not be able to walk out of a
+# path or point the engine at a surprising place, whoever wrote it.
+
+_SAFE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+_REGISTRY_URL = re.compile(
+    r"^(?:https?://)?"
+    r"(?P<host>[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?/?$"
+)
+
+
+def check_container_name(name: str) -> None:
+    """Docker's container name grammar: no '/', no leading '.', nothing to climb with."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ValidationError(f"{name!r} is not a safe container name ([a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128)")
+
+
+def check_bind(bind: str) -> None:
+    """`/host/path:/container/path[:ro|rw]`: both absolute, no '..' segment, no NUL."""
+    parts = bind.split(":") if isinstance(bind, str) else []
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise ValidationError(f"{bind!r} is not host:container[:ro|rw]")
+    for path in parts[:2]:
+        if not path.startswith("/") or "\x00" in path:
+            raise ValidationError(f"{bind!r}: {path!r} is not an absolute path")
+        if ".." in path.split("/"):
+            raise ValidationError(f"{bind!r}: {path!r} climbs out with '..'")
+
+
+def check_registry_url(url: str) -> None:
+    """A registry is `[http(s)://]host[:port]`: no credentials, path, query or '..' smuggled in."""
+    if not isinstance(url, str) or not _REGISTRY_URL.match(url):
+        raise ValidationError(f"{url!r} is not a registry address ([https://]host[:port])")
+
+
 # --- Topics -----------------------------------------------------------------
 
 def device_topic(unit_id: str, kind: str) -> str:
@@ -97,7 +133,7 @@ class StartupParametersSchema(Schema):
         unknown = RAISE
 
     environment = fields.String(load_default="")
-    binds = fields.List(fields.String(), load_default=list)
+    binds = fields.List(fields.String(validate=check_bind), load_default=list)
     network_mode = fields.String(load_default=None, allow_none=True)
     restart_policy = fields.String(load_default=None, allow_none=True)
     privileged = fields.Boolean(load_default=False)
@@ -108,7 +144,7 @@ class RegistryCredentialsSchema(Schema):
         unknown = EXCLUDE
 
     id = fields.Integer(required=True)
-    url = fields.String(required=True)
+    url = fields.String(required=True, validate=check_registry_url)
     username = fields.String(load_default="")
     password = fields.String(load_default="")
 
@@ -117,14 +153,14 @@ class ContainerSpecSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    name = fields.String(required=True, validate=validate.Length(min=1))
+    name = fields.String(required=True, validate=check_container_name)
     image = fields.String(required=True, validate=validate.Length(min=1))
     tag = fields.String(required=True, validate=validate.Length(min=1))
     required_tags = fields.List(fields.String(), load_default=list)
     startup_parameters = fields.Nested(StartupParametersSchema, load_default=dict)
     purge_data = fields.Boolean(load_default=False)
     registry = fields.Integer(load_default=None, allow_none=True)
-    fully_qualified_name = fields.String(required=True, validate=validate.Length(min=1))
+    fully_qualified_name = fields.String(required=True, validate=check_container_name)
 
 
 class ReleaseSpecSchema(Schema):
@@ -135,7 +171,7 @@ class ReleaseSpecSchema(Schema):
     version = fields.String(required=True)
     version_hash = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{8}$"))
     containers = fields.List(fields.Nested(ContainerSpecSchema), required=True)
-    remove_containers = fields.List(fields.String(), load_default=list)
+    remove_containers = fields.List(fields.String(validate=check_container_name), load_default=list)
 
 
 class ReleaseMessageSchema(_Message):

@@ -1,12 +1,21 @@
 """The Flask application factory."""
-import logging
 from pathlib import Path
 
-from flask import Flask
+from flask import Blueprint, Flask
 from sqlalchemy import event
 
 from . import __version__, config as fleet_config, extensions
 from .errors import register_error_handlers
+from .http_security import register_security_headers
+
+API_DESCRIPTION = """\
+Fleet runs Docker containers on fleets of small Linux devices.
+
+Every endpoint but `/health` needs `Authorization: APIToken <token>`. Tokens have a role:
+`viewer` reads, `operator` also writes, `admin` also manages tokens. Lists take `limit` and
+`offset` and answer `{count, next, previous, results}`. Every error has the shape
+`{code, status, message, errors: {field: [reasons]}}`.
+"""
 
 
 def create_app(config=None) -> Flask:
@@ -15,15 +24,25 @@ def create_app(config=None) -> Flask:
         API_TITLE="Fleet",
         API_VERSION=__version__,
         OPENAPI_VERSION="3.0.3",
-        OPENAPI_URL_PREFIX="/api",
+        OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH=None,
+        # The docs page loads Swagger UI from this server (swagger-ui-bundle's files), never from a CDN:
+        # many servers that run Fleet have no internet access.
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="/docs/assets/",
+        OPENAPI_SWAGGER_UI_CONFIG={"persistAuthorization": True},
         SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
         MIGRATIONS_DIR=str(Path(__file__).parent / "migrations"),
         JSON_SORT_KEYS=False,
         API_SPEC_OPTIONS={
+            "info": {"description": API_DESCRIPTION},
             "components": {
-                "securitySchemes": {"APIToken": {"type": "apiKey", "in": "header", "name": "Authorization"}}
+                "securitySchemes": {
+                    "APIToken": {
+                        "type": "apiKey", "in": "header", "name": "Authorization",
+                        "description": "`APIToken <token>`; create tokens with `fleet-server tokens create`.",
+                    }
+                }
             },
             "security": [{"APIToken": []}],
         },
@@ -35,7 +54,9 @@ def create_app(config=None) -> Flask:
     extensions.init_app(app)
     _configure_sqlite(app)
     register_blueprints(app)
+    register_docs_assets(app)
     register_error_handlers(app)
+    register_security_headers(app)
     return app
 
 
@@ -60,7 +81,19 @@ def register_blueprints(app):
     from .devices.views import blp as devices
     from .health.views import blp as health
     from .projects.views import blp as projects
+    from .provisioning.views import blp as provisioning, register_blp as register
+    from .registries.views import blp as registries
     from .releases.views import blp as releases
+    from .tokens.views import blp as tokens
 
-    for blueprint in (health, projects, releases, devices, commands):
+    for blueprint in (health, registries, projects, releases, devices, tokens, provisioning, register, commands):
         extensions.api.register_blueprint(blueprint)
+
+
+def register_docs_assets(app):
+    """Serve Swagger UI's files for /docs from the swagger-ui-bundle package."""
+    import swagger_ui_bundle
+
+    app.register_blueprint(
+        Blueprint("docs_assets", __name__, static_folder=swagger_ui_bundle.swagger_ui_path, static_url_path="/docs/assets")
+    )

@@ -1,14 +1,19 @@
-"""API token authentication: `Authorization: APIToken <token>` on every endpoint but health."""
+"""API token authentication (`Authorization: APIToken <token>`) and the roles that limit what a token may do.
+
+- viewer: read only (GET/HEAD/OPTIONS); any write gets 403.
+- operator: reads and writes every fleet resource, but cannot manage API tokens.
+- admin: everything, including /auth/tokens/.
+"""
 from flask import g, request
 
-from .errors import Unauthorized
+from .errors import Forbidden, Unauthorized
 from .tokens import service as tokens
 
 SCHEME = "APIToken"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def require_token():
-    """before_request hook for the API blueprints."""
+def authenticate():
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme != SCHEME or not value.strip():
@@ -17,6 +22,18 @@ def require_token():
     if token is None:
         raise Unauthorized("the API token is invalid, expired or revoked")
     g.api_token = token
+    return token
 
 
+def require_token():
+    """before_request hook of the fleet resources: any valid token reads, viewers may not write."""
+    token = authenticate()
+    if token.role == "viewer" and request.method not in READ_METHODS:
+        raise Forbidden(f"token {token.id} has the viewer role, which may only read")
 
+
+def require_admin():
+    """before_request hook of token management."""
+    token = authenticate()
+    if token.role != "admin":
+        raise Forbidden(f"token {token.id} has the {token.role} role; managing tokens needs admin")

@@ -2,7 +2,7 @@
 import flask_smorest
 from webargs.flaskparser import FlaskParser
 
-from .auth import require_token
+from .auth import require_admin, require_token
 
 
 class Parser(FlaskParser):
@@ -13,7 +13,9 @@ class Parser(FlaskParser):
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = Parser()
 
-    def __init__(self, *args, public=False, **kwargs):
+    def __init__(self, *args, public=False, admin_only=False, **kwargs):
         super().__init__(*args, **kwargs)
-        if not public:
+        if admin_only:
+            self.before_request(require_admin)
+        elif not public:
             self.before_request(require_token)

@@ -112,6 +112,24 @@ def devices_create(name, unit_id, if_missing):
     click.echo(f"{device.id} {device.unit_id}")
 
 
+@main.group("provisioning-tokens")
+def provisioning_tokens():
+    """One-time tokens that let a device register itself (`fleet-device register`)."""
+
+
+@provisioning_tokens.command("create")
+@click.option("--name", default="", help="What or whom the token is for.")
+@click.option("--expires-in", default=3600, show_default=True, type=click.IntRange(60, 30 * 24 * 3600),
+              help="Seconds until the token expires.")
+@with_appcontext
+def provisioning_tokens_create(name, expires_in):
+    """Create a provisioning token and print its value (shown only this once)."""
+    from .provisioning import service
+
+    _token, value = service.create_token(name, expires_in)
+    click.echo(value)
+
+
 @main.command()
 @click.option("--worker-id", default=None, help="Stable id of this worker (keeps its broker session).")
 @with_appcontext

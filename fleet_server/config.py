@@ -1,7 +1,14 @@
 """Server configuration, read from FLEET_* environment variables and checked at start-up."""
+import logging
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY_FILE = "secret-key"
 
 
 class ConfigError(Exception):
@@ -43,6 +50,15 @@ def from_environment(environ=None) -> dict:
         "FLEET_MQTT_GROUP": environ.get("FLEET_MQTT_GROUP", "fleet-server"),
         "FLEET_PUBLISH_TIMEOUT": _float(environ, "FLEET_PUBLISH_TIMEOUT", 5.0),
         "FLEET_VAR_DIR": str(var_dir),
+        "FLEET_SECRET_KEY": environ.get("FLEET_SECRET_KEY") or None,
+        # Security (issue 8): TLS to the broker, the dynsec admin account that manages device
+        # accounts, what registering devices are told, and the origins CORS lets in.
+        "FLEET_MQTT_CA_FILE": environ.get("FLEET_MQTT_CA_FILE") or None,
+        "FLEET_DYNSEC_USERNAME": environ.get("FLEET_DYNSEC_USERNAME") or None,
+        "FLEET_DYNSEC_PASSWORD": environ.get("FLEET_DYNSEC_PASSWORD") or None,
+        "FLEET_DEVICE_BROKER_URL": environ.get("FLEET_DEVICE_BROKER_URL") or None,
+        "FLEET_DEVICE_BROKER_CA_FILE": environ.get("FLEET_DEVICE_BROKER_CA_FILE") or None,
+        "FLEET_CORS_ORIGINS": environ.get("FLEET_CORS_ORIGINS", ""),
     }
     if config["FLEET_ENV"] not in ("development", "production", "testing"):
         raise ConfigError(f"FLEET_ENV={config['FLEET_ENV']!r}: expected development, production or testing")
@@ -51,8 +67,65 @@ def from_environment(environ=None) -> dict:
 
 def validate(config: dict) -> None:
     mqtt_endpoint(config["FLEET_MQTT_URL"])
+    if config.get("FLEET_DEVICE_BROKER_URL"):
+        mqtt_endpoint(config["FLEET_DEVICE_BROKER_URL"], "FLEET_DEVICE_BROKER_URL")
+    for name in ("FLEET_MQTT_CA_FILE", "FLEET_DEVICE_BROKER_CA_FILE"):
+        if config.get(name) and not Path(config[name]).is_file():
+            raise ConfigError(f"{name}={config[name]!r}: no such file")
+    if config.get("FLEET_DYNSEC_USERNAME") and not config.get("FLEET_DYNSEC_PASSWORD"):
+        raise ConfigError("FLEET_DYNSEC_USERNAME is set but FLEET_DYNSEC_PASSWORD is not")
     uri = config["SQLALCHEMY_DATABASE_URI"]
     if not uri.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"FLEET_DATABASE_URL={uri!r}: expected a sqlite:/// or postgresql+psycopg:// URL")
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    config["FLEET_SECRET_KEY"] = secret_keys(config)
+
+
+def secret_keys(config: dict) -> str:
+    """The Fernet key(s) that encrypt secrets at rest, checked; comma-separated, newest first.
+
+    Production must be given one: a key generated on the spot would make every stored
+    secret unreadable on the next host or replica. Development and tests generate one
+    once into the var directory.
+    """
+    keys = config.get("FLEET_SECRET_KEY")
+    if not keys:
+        if config["FLEET_ENV"] == "production":
+            raise ConfigError(
+                "FLEET_SECRET_KEY is not set: production needs a key to encrypt registry passwords "
+                "(make one with: python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+            )
+        keys = _generated_key(Path(config["FLEET_VAR_DIR"]) / SECRET_KEY_FILE)
+    for position, key in enumerate(keys.split(","), 1):
+        try:
+            Fernet(key.strip())
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"FLEET_SECRET_KEY: key {position} is not a Fernet key (32 bytes, url-safe base64)"
+            ) from None
+    return keys
+
+
+def _generated_key(path: Path) -> str:
+    """Read the development key, creating it first if needed (safe when many processes start at once)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(Fernet.generate_key().decode() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            # link() fails if another process won the race; its key is the one to use.
+            os.link(staging, path)
+            log.warning("generated a development secret key in %s; set FLEET_SECRET_KEY in production", path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(staging)
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret key file {path}: {exc.strerror}") from None

@@ -1,7 +1,10 @@
 """`make run`: the whole product on one machine — broker, API server, ingest worker and a local device agent.
 
 Everything it creates lives under the var dir (FLEET_VAR_DIR, default ./var); rerunning it
-reuses the database, the admin token and the local device.
+reuses the database, the admin token, the broker's keys and accounts, and the local device.
+The broker runs secured (anonymous off, dynamic security, TLS): the server uses its own
+account, and the local agent registers with a provisioning token like any device and
+connects over TLS with the account it was given.
 """
 import logging
 import os
@@ -17,7 +20,6 @@ import requests
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-BROKER_TEMPLATE = REPO / "broker" / "mosquitto.conf"
 
 
 def _port(name, default):
@@ -47,6 +49,7 @@ class Stack:
     def __init__(self):
         self.var = Path(os.environ.get("FLEET_VAR_DIR", "var")).resolve()
         self.broker_port = _port("FLEET_BROKER_PORT", 1883)
+        self.broker_tls_port = _port("FLEET_BROKER_TLS_PORT", 8883)
         self.http_port = _port("FLEET_HTTP_PORT", 8000)
         self.device_port = _port("FLEET_DEVICE_API_PORT", 9000)
         self.processes: list[tuple[str, subprocess.Popen]] = []
@@ -64,12 +67,18 @@ class Stack:
         return process
 
     def prepare(self):
+        from .broker_accounts.bootstrap import ADMIN_USERNAME, SERVER_USERNAME, prepare
+
         self.var.mkdir(parents=True, exist_ok=True)
-        broker_data = self.var / "broker"
-        broker_data.mkdir(exist_ok=True)
-        config = BROKER_TEMPLATE.read_text().replace("@PORT@", str(self.broker_port))
-        config = config.replace("@DATA_DIR@", str(broker_data) + "/")
-        (self.var / "mosquitto.conf").write_text(config)
+        self.broker = prepare(self.var / "broker", port=self.broker_port, tls_port=self.broker_tls_port)
+        self.env.update({
+            "FLEET_MQTT_USERNAME": SERVER_USERNAME,
+            "FLEET_MQTT_PASSWORD": self.broker.server_password.read_text().strip(),
+            "FLEET_DYNSEC_USERNAME": ADMIN_USERNAME,
+            "FLEET_DYNSEC_PASSWORD": self.broker.admin_password.read_text().strip(),
+            "FLEET_DEVICE_BROKER_URL": f"mqtts://127.0.0.1:{self.broker_tls_port}",
+            "FLEET_DEVICE_BROKER_CA_FILE": str(self.broker.ca_certificate),
+        })
         subprocess.run([_bin("fleet-server"), "db", "upgrade", "heads"], env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -83,44 +92,78 @@ class Stack:
         path.write_text(token + "\n")
         return token
 
-    def local_device(self) -> tuple[str, str]:
-        unit_file = self.var / "device" / "unit_id"
-        unit_file.parent.mkdir(parents=True, exist_ok=True)
-        if not unit_file.exists():
-            unit_file.write_text(str(uuid.uuid4()) + "\n")
-        unit_id = unit_file.read_text().strip()
-        out = subprocess.run(
-            [_bin("fleet-server"), "devices", "create", "--name", f"local ({os.uname().nodename})",
-             "--unit-id", unit_id, "--if-missing"],
-            env=self.env, check=True, capture_output=True, text=True,
-        ).stdout.strip().splitlines()[-1]
-        device_id, unit_id = out.split()
-        return device_id, unit_id
+    def broker_accounts(self):
+        """Wait for the broker, then create (or refresh) the server's account through dynsec."""
+        from .broker_accounts import BrokerAccountError, DynSecControl, ensure_server_account
+
+        deadline = time.monotonic() + 30
+        while True:
+            control = DynSecControl("127.0.0.1", self.broker_port, self.env["FLEET_DYNSEC_USERNAME"],
+                                    self.env["FLEET_DYNSEC_PASSWORD"], timeout=2)
+            try:
+                ensure_server_account(control, self.env["FLEET_MQTT_USERNAME"], self.env["FLEET_MQTT_PASSWORD"])
+                return
+            except BrokerAccountError as exc:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the broker did not accept its admin account: {exc}; see {self.var}/broker.log")
+            finally:
+                control.close()
+            time.sleep(0.5)
+
+    def local_device(self, api: str) -> tuple[str, str]:
+        """Register this machine like any device (once); its identity and broker account stay in its state dir."""
+        from fleet_device.provisioning import load_identity
+
+        device_dir = self.var / "device"
+        state_dir = device_dir / "state"
+        identity = load_identity(state_dir)
+        if identity is None:
+            hardware_file = device_dir / "hardware_id"
+            if not hardware_file.exists():
+                device_dir.mkdir(parents=True, exist_ok=True)
+                hardware_file.write_text(f"local-{uuid.uuid4()}\n")
+            token = subprocess.run(
+                [_bin("fleet-server"), "provisioning-tokens", "create", "--name", "make run", "--expires-in", "600"],
+                env=self.env, check=True, capture_output=True, text=True,
+            ).stdout.strip().splitlines()[-1]
+            registered = subprocess.run(
+                [_bin("fleet-device"), "register", "--server", api, "--token", token, "--state-dir", str(state_dir),
+                 "--hardware-id", hardware_file.read_text().strip(), "--name", f"local ({os.uname().nodename})"],
+                env=self.env, capture_output=True, text=True,
+            )
+            if registered.returncode != 0:
+                raise SystemExit(f"the local device could not register: {registered.stderr.strip()}")
+            identity = load_identity(state_dir)
+        (device_dir / "unit_id").write_text(identity.unit_id + "\n")
+        return identity.device_id, identity.unit_id
 
     def start(self):
         self.prepare()
         token = self.admin_token()
-        device_id, unit_id = self.local_device()
-        self.spawn("broker", ["mosquitto", "-c", str(self.var / "mosquitto.conf")])
+        self.spawn("broker", ["mosquitto", "-c", str(self.broker.config)])
+        self.broker_accounts()
         self.spawn("server", [_bin("fleet-server"), "serve", "--bind", f"127.0.0.1:{self.http_port}"])
         self.spawn("worker", [_bin("fleet-server"), "worker", "--worker-id", "local"])
+        api = f"http://127.0.0.1:{self.http_port}"
+        _wait_for(f"{api}/health", 30, "the API server")
+        device_id, unit_id = self.local_device(api)
         device_dir = self.var / "device"
+        # Unit id, broker URL (TLS), account and CA all come from the identity `register` stored.
         self.spawn("device", [
-            _bin("fleet-device"), "run", "--unit-id", unit_id,
-            "--broker", f"mqtt://127.0.0.1:{self.broker_port}",
+            _bin("fleet-device"), "run",
             "--state-dir", str(device_dir / "state"),
             "--api", f"127.0.0.1:{self.device_port}",
             "--minion-id-file", str(device_dir / "minion_id"),
         ])
-        api = f"http://127.0.0.1:{self.http_port}"
-        _wait_for(f"{api}/health", 30, "the API server")
         _wait_for(f"http://127.0.0.1:{self.device_port}/", 30, "the device agent")
         print(
             f"""
 Fleet is running.
   API             {api}   (OpenAPI: {api}/api/openapi.json)
   admin token     {token}   (also in {self.var / 'admin-token'})
-  broker          mqtt://127.0.0.1:{self.broker_port}
+  broker          mqtt://127.0.0.1:{self.broker_port} (loopback, accounts only)
+                  mqtts://127.0.0.1:{self.broker_tls_port} (TLS, CA {self.broker.ca_certificate})
+  broker accounts dynsec admin and server passwords in {self.broker.directory} (mode 0600)
   local device    id {device_id}  unit_id {unit_id}
   device API      http://127.0.0.1:{self.device_port}/
   logs            {self.var}/*.log

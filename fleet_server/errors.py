@@ -2,7 +2,7 @@
 import logging
 
 from flask import jsonify
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
 log = logging.getLogger(__name__)
@@ -86,4 +86,4 @@ def register_error_handlers(app):
     @app.errorhandler(Exception)
     def handle_unexpected(error):
         log.exception("unhandled error")
-        return error_response(500, InternalServerError.name, "internal error; see the server log")
+        return error_response(500, HTTP_STATUS_CODES[500], "internal error; see the server log")

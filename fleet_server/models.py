@@ -162,7 +162,6 @@ class Publication(db.Model):
     project_id: Mapped[int] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-
-# Feature modules define their models next to their code; importing them here lets the
-# app and Alembic see every table.
+# Models of other features, imported here so Alembic and the app see them.
+from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
 from .commands import models as command_models  # noqa: E402,F401

@@ -78,17 +78,25 @@ class Publisher:
                 self._client = client
         return self._client
 
+    def ready(self) -> bool:
+        """Whether the broker link is up; only the first call waits (briefly) for it to come up.
+
+        Later calls fail fast while the broker is away, leaving rows in the outbox for the sweep.
+        """
+        client = self._ensure_client()
+        connect_wait, self._waited = (0 if self._waited else min(self._config["FLEET_PUBLISH_TIMEOUT"], 3.0)), True
+        if not self._connected.wait(connect_wait):
+            log.warning("broker not reachable; publications left in the outbox")
+            return False
+        return client.is_connected()
+
     def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, properties=None) -> bool:
         """Publish and wait for the broker's acknowledgement; False if it did not come."""
         timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
-        client = self._ensure_client()
-        # Only the first publication waits for the connection; later ones fail fast while
-        # the broker is away and leave their rows in the outbox.
-        connect_wait, self._waited = (0 if self._waited else min(timeout, 3.0)), True
-        if not self._connected.wait(connect_wait):
-            log.warning("broker not reachable; publication left in the outbox topic=%s", topic)
+        if not self.ready():
             return False
-        return publish_and_wait(client, topic, payload, retain=retain, qos=qos, timeout=timeout, properties=properties)
+        return publish_and_wait(self._client, topic, payload, retain=retain, qos=qos, timeout=timeout,
+                                properties=properties)
 
     def close(self):
         if self._client is not None:

@@ -1,4 +1,6 @@
 """Limit/offset pagination with a total count, in the envelope the seed's API uses."""
+from urllib.parse import urlencode
+
 from flask import request
 from marshmallow import Schema, fields
 
@@ -9,10 +11,12 @@ def page_schema(item_schema, name):
     """A response schema `{count, next, previous, results: [item]}` for one resource."""
     return Schema.from_dict(
         {
-            "count": fields.Integer(),
-            "next": fields.String(allow_none=True),
-            "previous": fields.String(allow_none=True),
-            "results": fields.List(fields.Nested(item_schema)),
+            "count": fields.Integer(required=True, metadata={"description": "Items matching, over all pages."}),
+            "next": fields.String(required=True, allow_none=True, metadata={"description": "URL of the next page."}),
+            "previous": fields.String(
+                required=True, allow_none=True, metadata={"description": "URL of the previous page."}
+            ),
+            "results": fields.List(fields.Nested(item_schema), required=True),
         },
         name=name,
     )
@@ -21,12 +25,11 @@ def page_schema(item_schema, name):
 def _link(offset, limit):
     args = request.args.to_dict()
     args.update(offset=offset, limit=limit)
-    query = "&".join(f"{k}={v}" for k, v in args.items())
-    return f"{request.base_url}?{query}"
+    return f"{request.base_url}?{urlencode(args)}"
 
 
 def paginate(statement, limit, offset):
-    """Run `statement` for one page; the caller's statement must be ordered stably."""
+    """Run `statement` for one page; the caller's statement must be ordered stably (ending on a unique key)."""
     total = db.session.scalar(db.select(db.func.count()).select_from(statement.order_by(None).subquery()))
     items = list(db.session.scalars(statement.limit(limit).offset(offset)))
     return {

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def devstack(tmp_path, docker_client):
-    ports = {"FLEET_BROKER_PORT": free_port(), "FLEET_HTTP_PORT": free_port(), "FLEET_DEVICE_API_PORT": free_port()}
+    ports = {"FLEET_BROKER_PORT": free_port(), "FLEET_HTTP_PORT": free_port(), "FLEET_DEVICE_API_PORT": free_port(),
+             "FLEET_BROKER_TLS_PORT": free_port()}
     env = {**os.environ, "FLEET_VAR_DIR": str(tmp_path / "var"), **{k: str(v) for k, v in ports.items()}}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "fleet-server"), "devstack"], env=env,

@@ -1,28 +1,27 @@
 """HTTP endpoints for /dongle/devices/."""
 from flask.views import MethodView
+
 from ..blueprint import Blueprint
-
-
 from ..pagination import paginate
-from ..schemas import PaginationArgs
 from . import service
-from .schemas import DevicePage, DeviceSchema
+from .schemas import DeviceListArgs, DevicePage, DevicePatchSchema, DeviceSchema, DeviceUpdateSchema
 
 blp = Blueprint("devices", __name__, url_prefix="/dongle/devices", description="Devices of the fleet.")
 
 
 @blp.route("/")
 class Devices(MethodView):
-    @blp.arguments(PaginationArgs, location="query")
+    @blp.arguments(DeviceListArgs, location="query")
     @blp.response(200, DevicePage)
     def get(self, args):
-        """List devices"""
-        return paginate(service.devices_query(), **args)
+        """List devices, optionally filtered by unit_id, name or online"""
+        limit, offset = args.pop("limit"), args.pop("offset")
+        return paginate(service.devices_query(**args), limit, offset)
 
-    @blp.arguments(DeviceSchema)
+    @blp.arguments(DeviceSchema, example={"name": "van-12", "tags": ["north"], "description": "Van 12"})
     @blp.response(201, DeviceSchema)
     def post(self, data):
-        """Register a device"""
+        """Register a device; the answer carries its id and unit_id"""
         return service.create_device(data)
 
 
@@ -32,3 +31,20 @@ class DeviceItem(MethodView):
     def get(self, device_id):
         """Retrieve a device"""
         return service.get_device(str(device_id))
+
+    @blp.arguments(DeviceUpdateSchema)
+    @blp.response(200, DeviceSchema)
+    def put(self, data, device_id):
+        """Replace a device's name, tags and description"""
+        return service.update_device(service.get_device(str(device_id)), data)
+
+    @blp.arguments(DevicePatchSchema(partial=True))
+    @blp.response(200, DeviceSchema)
+    def patch(self, data, device_id):
+        """Change a device's name, tags or description"""
+        return service.update_device(service.get_device(str(device_id)), data)
+
+    @blp.response(204)
+    def delete(self, device_id):
+        """Delete a device; its retained release topics on the broker are cleared"""
+        service.delete_device(service.get_device(str(device_id)))

@@ -1,22 +1,63 @@
 """Release payloads, with the checks that keep a bad release from reaching a device."""
 import re
+import shlex
 
 from marshmallow import ValidationError, fields, validate, validates
 
 from fleet_device.wire import WireError, parse_environment
 
 from ..pagination import page_schema
-from ..schemas import StrictSchema
+from ..schemas import PaginationArgs, StrictSchema
 
-# Docker's reference grammar, simplified: lower-case path components, optional registry host.
+# Docker's reference grammar: an optional registry host[:port], then lower-case path components.
 _IMAGE = re.compile(
-    r"^(?:(?:[a-zA-Z0-9-]+\.)*[a-zA-Z0-9-]+(?::[0-9]+)?/)?"
+    r"^(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.)*[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?"
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
 )
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# Docker's container name rule; kept short so the derived fully_qualified_name stays readable.
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$")
-_RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]+)?)$")
-_NETWORK = re.compile(r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]*|[a-zA-Z0-9][a-zA-Z0-9_.-]*)$")
+_RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$")
+_NETWORK = re.compile(r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+SEED_EXAMPLE = {
+    "version": "1.0.0",
+    "devices": ["734c361a-ba56-472a-a891-ee2af1a80570"],
+    "containers": [
+        {
+            "name": "curveball",
+            "image": "curveball",
+            "tag": "delta-base-r0.0.0.1",
+            "required_tags": ["base"],
+            "startup_parameters": {
+                "environment": "REQUESTS_CA_BUNDLE='/usr/local/share/ca-certificates/AdamCA.crt'",
+                "binds": ["/home/balenaEngine/data:/opt/RavenDB/Server/RavenData"],
+                "network_mode": "host",
+                "restart_policy": "always",
+                "privileged": True,
+            },
+            "purge_data": False,
+            "registry": 1,
+        },
+        {
+            "name": "ravendb",
+            "image": "ravendb",
+            "tag": "base",
+            "required_tags": [],
+            "startup_parameters": {
+                "environment": "RAVEN_ARGS='--config-path /opt/RavenDB/Server/RavenData/settings.json'",
+                "binds": ["/home/balenaEngine/data:/opt/RavenDB/Server/RavenData"],
+                "network_mode": "host",
+                "restart_policy": "always",
+                "privileged": True,
+            },
+            "purge_data": False,
+            "registry": 1,
+        },
+    ],
+    "remove_containers": ["curveball", "ravendb"],
+}
 
 
 def _check_bind(bind: str):
@@ -24,16 +65,67 @@ def _check_bind(bind: str):
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
         raise ValidationError(f"{bind!r} is not host:container[:ro|rw]")
     for path in parts[:2]:
-        if not path.startswith("/"):
+        if not path.startswith("/") or "\x00" in path:
             raise ValidationError(f"{bind!r}: {path!r} is not an absolute path")
         if ".." in path.split("/"):
             raise ValidationError(f"{bind!r}: {path!r} climbs out with '..'")
+        if "\x00" in path:
+            raise ValidationError(f"{bind!r}: the path contains a NUL byte")
+
+
+def _unique(what):
+    def check(values):
+        if len(set(values)) != len(values):
+            raise ValidationError(f"{what} listed twice")
+
+    return check
+
+
+class Environment(fields.Field):
+    """The seed's shell-style string (`KEY='v' K2=v2`), or an object {KEY: value}; stored as the string."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            try:
+                parse_environment(value)
+            except WireError as exc:
+                raise ValidationError(str(exc)) from None
+            return value
+        if isinstance(value, dict):
+            words = []
+            for key, item in value.items():
+                if not isinstance(key, str) or not _ENV_KEY.match(key):
+                    raise ValidationError(f"{key!r} is not a valid variable name")
+                if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                    raise ValidationError(f"{key}: the value must be a string or a number")
+                if "\x00" in str(item):
+                    raise ValidationError(f"{key}: the value contains a NUL byte")
+                words.append(f"{key}={shlex.quote(str(item))}")
+            return " ".join(words)
+        raise ValidationError("expected a string (KEY='value' OTHER=x) or an object of strings")
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return value
 
 
 class StartupParametersSchema(StrictSchema):
-    environment = fields.String(load_default="", metadata={"example": "KEY='some value' OTHER=x"})
-    binds = fields.List(fields.String(validate=_check_bind), load_default=list)
-    network_mode = fields.String(load_default=None, allow_none=True, validate=validate.Regexp(_NETWORK))
+    environment = Environment(
+        load_default="",
+        metadata={
+            "description": "Shell-style `KEY='value' OTHER=x`, or an object {KEY: value}; always returned as the string.",
+            "oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}],
+            "example": "KEY='some value' OTHER=x",
+        },
+    )
+    binds = fields.List(
+        fields.String(validate=_check_bind, metadata={"example": "/srv/data:/data:rw"}),
+        load_default=list,
+        validate=validate.Length(max=100),
+    )
+    network_mode = fields.String(
+        load_default=None, allow_none=True,
+        validate=validate.Regexp(_NETWORK, error="expected bridge, host, none or container:NAME"),
+    )
     restart_policy = fields.String(
         load_default=None,
         allow_none=True,
@@ -41,23 +133,30 @@ class StartupParametersSchema(StrictSchema):
     )
     privileged = fields.Boolean(load_default=False)
 
-    @validates("environment")
-    def _environment(self, value, **kwargs):
-        try:
-            parse_environment(value)
-        except WireError as exc:
-            raise ValidationError(str(exc)) from None
-
 
 class ContainerSchema(StrictSchema):
     name = fields.String(required=True, validate=validate.Regexp(_CONTAINER_NAME, error="not a valid container name"))
-    image = fields.String(required=True, validate=validate.Regexp(_IMAGE, error="not a valid image reference"))
+    image = fields.String(
+        required=True,
+        validate=[validate.Length(max=255), validate.Regexp(_IMAGE, error="not a valid image reference")],
+        metadata={"description": "Repository, optionally with a registry host and path: host:5000/team/app."},
+    )
     tag = fields.String(required=True, validate=validate.Regexp(_TAG, error="not a valid tag"))
-    required_tags = fields.List(fields.String(validate=validate.Regexp(_TAG, error="not a valid tag")), load_default=list)
+    required_tags = fields.List(
+        fields.String(validate=validate.Regexp(_TAG, error="not a valid tag")),
+        load_default=list,
+        validate=[validate.Length(max=20), _unique("a tag is")],
+        metadata={"description": "Other tags of the image that must be present (pulled first, never pruned)."},
+    )
     startup_parameters = fields.Nested(StartupParametersSchema, load_default=lambda: StartupParametersSchema().load({}))
     purge_data = fields.Boolean(load_default=False)
-    registry = fields.Integer(load_default=None, allow_none=True, strict=True, attribute="registry_id", data_key="registry")
-    fully_qualified_name = fields.String(dump_only=True)
+    registry = fields.Integer(
+        load_default=None, allow_none=True, strict=True, attribute="registry_id", data_key="registry",
+        validate=validate.Range(min=1, max=2**31 - 1), metadata={"description": "Id of the registry to pull through."},
+    )
+    fully_qualified_name = fields.String(
+        dump_only=True, metadata={"description": "Derived from project and name; stable across releases."}
+    )
 
 
 def _unique_names(containers):
@@ -69,14 +168,25 @@ def _unique_names(containers):
 class ReleaseSchema(StrictSchema):
     id = fields.Integer(dump_only=True)
     version = fields.String(required=True, validate=validate.Length(min=1, max=100))
-    version_hash = fields.String(dump_only=True)
-    devices = fields.List(fields.String(), required=True, attribute="device_ids", metadata={"description": "Device ids"})
-    containers = fields.List(
-        fields.Nested(ContainerSchema), required=True, validate=[validate.Length(min=1), _unique_names]
+    version_hash = fields.String(dump_only=True, metadata={"description": "8-hex digest of the release content."})
+    devices = fields.List(
+        fields.String(validate=validate.Length(max=36)),
+        required=True,
+        attribute="device_ids",
+        validate=validate.Length(max=10000),
+        metadata={"description": "Ids of the devices the release targets."},
     )
-    successful_deployments = fields.List(fields.String(), dump_only=True)
+    containers = fields.List(
+        fields.Nested(ContainerSchema), required=True, validate=[validate.Length(min=1, max=50), _unique_names]
+    )
+    successful_deployments = fields.List(
+        fields.String(), dump_only=True, metadata={"description": "Devices that report the release deployed."}
+    )
     remove_containers = fields.List(
-        fields.String(validate=validate.Regexp(_CONTAINER_NAME, error="not a valid container name")), load_default=list
+        fields.String(validate=validate.Regexp(_CONTAINER_NAME, error="not a valid container name")),
+        load_default=list,
+        validate=[validate.Length(max=50), _unique("a container is")],
+        metadata={"description": "Names of pre-existing containers to stop, and remove once the release runs."},
     )
     project = fields.Integer(dump_only=True, attribute="project_id")
     created_at = fields.DateTime(dump_only=True)
@@ -85,6 +195,16 @@ class ReleaseSchema(StrictSchema):
     def _devices(self, value, **kwargs):
         if len(set(value)) != len(value):
             raise ValidationError("a device is listed twice")
+
+
+class ReleasePatchSchema(ReleaseSchema):
+    """The same fields, all optional: used with partial=True for PATCH."""
+
+
+class ReleaseListArgs(PaginationArgs):
+    version = fields.String(validate=validate.Length(max=100), metadata={"description": "Only this version."})
+    version_hash = fields.String(validate=validate.Length(max=8), metadata={"description": "Only this version_hash."})
+    device = fields.String(validate=validate.Length(max=36), metadata={"description": "Only releases targeting this device id."})
 
 
 ReleasePage = page_schema(ReleaseSchema, "ReleasePage")

@@ -1,11 +1,29 @@
-"""Release operations, callable without HTTP, and the document each device receives."""
+"""Release operations, callable without HTTP, and the document each device receives.
+
+Every change that can alter what a device should run (create, update, delete) writes
+outbox rows for all affected devices in the same transaction, then flushes: each
+device gets its now-active release of the project, or a tombstone when none is left.
+"""
 import hashlib
 import json
+import logging
+import re
 
-from ..errors import NotFound, ValidationError
+from .. import outbox
+from ..errors import FleetError, NotFound
 from ..extensions import db
 from ..models import Device, Project, Registry, Release, ReleaseContainer, release_devices
-from .. import outbox
+
+log = logging.getLogger(__name__)
+
+_VERSION_HASH = re.compile(r"^[0-9a-fA-F]{8}$")
+CONTENT_FIELDS = ("version", "device_ids", "containers", "remove_containers")
+
+
+class InvalidRelease(FleetError):
+    """A release that is well-formed but does not fit the fleet (unknown device, clashing names, ...)."""
+
+    status = 400
 
 
 def _content_hash(project_id, data) -> str:
@@ -20,52 +38,165 @@ def _content_hash(project_id, data) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
 
+def fully_qualified_name(project_id: int, container_name: str) -> str:
+    """Stable across releases of a project, so a new release replaces the container in place."""
+    return f"deployment-{container_name}-{project_id}"
+
+
 def _resolve_devices(device_ids) -> list[Device]:
     devices = list(db.session.scalars(db.select(Device).where(Device.id.in_(device_ids)))) if device_ids else []
     missing = sorted(set(device_ids) - {d.id for d in devices})
     if missing:
-        raise ValidationError("devices", f"unknown device id(s): {', '.join(missing)}")
-    return devices
+        raise InvalidRelease(
+            f"devices: unknown device id(s): {', '.join(missing)}", {"devices": [f"unknown device id(s): {', '.join(missing)}"]}
+        )
+    return sorted(devices, key=lambda d: d.id)
 
 
 def _check_registries(containers):
     wanted = {c["registry_id"] for c in containers if c["registry_id"] is not None}
-    if not wanted:
+    known = set(db.session.scalars(db.select(Registry.id).where(Registry.id.in_(wanted)))) if wanted else set()
+    errors = {
+        f"containers.{index}.registry": [f"registry {c['registry_id']} does not exist"]
+        for index, c in enumerate(containers)
+        if c["registry_id"] is not None and c["registry_id"] not in known
+    }
+    if errors:
+        raise InvalidRelease("; ".join(f"{k}: {v[0]}" for k, v in errors.items()), errors)
+
+
+def _check_names_on_devices(project_id: int, data, devices: list[Device]):
+    """A container's fully_qualified_name must not be another project's on any targeted device,
+    and remove_containers must not name a container another project manages there."""
+    if not devices:
         return
-    known = set(db.session.scalars(db.select(Registry.id).where(Registry.id.in_(wanted))))
-    for index, container in enumerate(containers):
-        if container["registry_id"] is not None and container["registry_id"] not in known:
-            raise ValidationError(f"containers.{index}.registry", f"registry {container['registry_id']} does not exist")
+    mine = {fully_qualified_name(project_id, c["name"]): index for index, c in enumerate(data["containers"])}
+    errors = {}
+    for device in devices:
+        for other in _active_releases_of_other_projects(device, project_id):
+            for container in other.containers:
+                fqn = container.fully_qualified_name
+                if fqn in mine:
+                    errors.setdefault(f"containers.{mine[fqn]}.name", []).append(
+                        f"{fqn} is already run on device {device.id} by project {other.project_id}"
+                    )
+                if fqn in data["remove_containers"]:
+                    errors.setdefault("remove_containers", []).append(
+                        f"{fqn} on device {device.id} belongs to project {other.project_id}"
+                    )
+    if errors:
+        raise InvalidRelease("; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()), errors)
+
+
+def _active_releases_of_other_projects(device: Device, project_id: int) -> list[Release]:
+    newest = (
+        db.select(db.func.max(Release.id))
+        .join(release_devices, release_devices.c.release_id == Release.id)
+        .where(release_devices.c.device_id == device.id, Release.project_id != project_id)
+        .group_by(Release.project_id)
+    )
+    return list(db.session.scalars(db.select(Release).where(Release.id.in_(newest))))
+
+
+def _containers(data) -> list[ReleaseContainer]:
+    return [
+        ReleaseContainer(
+            position=index,
+            name=c["name"],
+            image=c["image"],
+            tag=c["tag"],
+            required_tags=c["required_tags"],
+            startup_parameters=c["startup_parameters"],
+            purge_data=c["purge_data"],
+            registry_id=c["registry_id"],
+        )
+        for index, c in enumerate(data["containers"])
+    ]
+
+
+def _validated_devices(project_id: int, data) -> list[Device]:
+    devices = _resolve_devices(data["device_ids"])
+    _check_registries(data["containers"])
+    _check_names_on_devices(project_id, data, devices)
+    return devices
 
 
 def create_release(project: Project, data) -> Release:
-    devices = _resolve_devices(data["device_ids"])
-    _check_registries(data["containers"])
+    devices = _validated_devices(project.id, data)
     release = Release(
         project=project,
         version=data["version"],
         version_hash=_content_hash(project.id, data),
         remove_containers=data["remove_containers"],
         devices=devices,
-        containers=[
-            ReleaseContainer(
-                position=index,
-                name=c["name"],
-                image=c["image"],
-                tag=c["tag"],
-                required_tags=c["required_tags"],
-                startup_parameters=c["startup_parameters"],
-                purge_data=c["purge_data"],
-                registry_id=c["registry_id"],
-            )
-            for index, c in enumerate(data["containers"])
-        ],
+        containers=_containers(data),
     )
     db.session.add(release)
     outbox.enqueue([d.unit_id for d in devices], project.id)
     db.session.commit()
+    log.info("release=%s project=%s created devices=%s", release.id, project.id, len(devices))
     outbox.flush_after_commit()
     return release
+
+
+def _as_data(release: Release) -> dict:
+    """A stored release in the form the schema loads, so a partial update can be merged and hashed."""
+    return {
+        "version": release.version,
+        "device_ids": release.device_ids,
+        "remove_containers": list(release.remove_containers),
+        "containers": [
+            {
+                "name": c.name,
+                "image": c.image,
+                "tag": c.tag,
+                "required_tags": list(c.required_tags),
+                "startup_parameters": dict(c.startup_parameters),
+                "purge_data": c.purge_data,
+                "registry_id": c.registry_id,
+            }
+            for c in release.containers
+        ],
+    }
+
+
+def update_release(release: Release, changes) -> Release:
+    """Apply a full (PUT) or partial (PATCH) change; old and new devices all get their active release again."""
+    before = _as_data(release)
+    data = {**before, **{k: v for k, v in changes.items() if k in CONTENT_FIELDS}}
+    devices = _validated_devices(release.project_id, data)
+    old_unit_ids = [d.unit_id for d in release.devices]
+    content_changed = {k: data[k] for k in CONTENT_FIELDS if k != "device_ids"} != {
+        k: before[k] for k in CONTENT_FIELDS if k != "device_ids"
+    }
+    kept = {d.id for d in devices}
+    for deployment in list(release.deployments):
+        # What devices reported describes the old content; a device no longer targeted has nothing to report.
+        if content_changed or deployment.device_id not in kept:
+            db.session.delete(deployment)
+    release.version = data["version"]
+    release.remove_containers = data["remove_containers"]
+    release.devices = devices
+    if content_changed:
+        release.containers = _containers(data)
+    release.version_hash = _content_hash(release.project_id, data)
+    outbox.enqueue(set(old_unit_ids) | {d.unit_id for d in devices}, release.project_id)
+    db.session.commit()
+    log.info("release=%s project=%s updated content_changed=%s", release.id, release.project_id, content_changed)
+    outbox.flush_after_commit()
+    db.session.refresh(release)
+    return release
+
+
+def delete_release(release: Release):
+    """Delete a release; its devices fall back to the project's previous release for them, or a tombstone."""
+    unit_ids = [d.unit_id for d in release.devices]
+    project_id = release.project_id
+    outbox.enqueue(unit_ids, project_id)
+    db.session.delete(release)
+    db.session.commit()
+    log.info("release=%s project=%s deleted devices=%s", release.id, project_id, len(unit_ids))
+    outbox.flush_after_commit()
 
 
 def get_release(project_id: int, release_id: int) -> Release:
@@ -75,8 +206,30 @@ def get_release(project_id: int, release_id: int) -> Release:
     return release
 
 
-def releases_query(project_id: int):
-    return db.select(Release).filter_by(project_id=project_id).order_by(Release.id)
+def release_by_hash(project_id: int, version_hash: str) -> Release:
+    """The newest release of the project with this version_hash (identical content hashes alike)."""
+    if not _VERSION_HASH.match(version_hash):
+        raise NotFound(f"{version_hash!r} is not a version_hash (8 hex digits)")
+    release = db.session.scalar(
+        db.select(Release).filter_by(project_id=project_id, version_hash=version_hash.lower())
+        .order_by(Release.id.desc()).limit(1)
+    )
+    if release is None:
+        raise NotFound(f"project {project_id} has no release with version_hash {version_hash}")
+    return release
+
+
+def releases_query(project_id: int, version=None, version_hash=None, device=None):
+    statement = db.select(Release).filter_by(project_id=project_id).order_by(Release.id)
+    if version is not None:
+        statement = statement.filter_by(version=version)
+    if version_hash is not None:
+        statement = statement.filter_by(version_hash=version_hash.lower())
+    if device is not None:
+        statement = statement.where(
+            Release.id.in_(db.select(release_devices.c.release_id).where(release_devices.c.device_id == device))
+        )
+    return statement
 
 
 def active_release(device: Device, project_id: int) -> Release | None:

@@ -1,41 +1,66 @@
 """HTTP endpoints for /docker/projects/{project_pk}/releases/."""
 from flask.views import MethodView
+
 from ..blueprint import Blueprint
-
-
 from ..pagination import paginate
 from ..projects.service import get_project
-from ..schemas import PaginationArgs
 from . import service
-from .schemas import ReleasePage, ReleaseSchema
+from .schemas import SEED_EXAMPLE, ReleaseListArgs, ReleasePage, ReleasePatchSchema, ReleaseSchema
 
 blp = Blueprint(
     "releases",
     __name__,
-    url_prefix="/docker/projects/<int:project_pk>/releases",
-    description="Releases: the containers a project's devices must run.",
+    url_prefix="/docker/projects/<int(max=2147483647):project_pk>/releases",
+    description="Releases: the containers a project's devices must run. Every change is published to the "
+    "affected devices at once (retained), or queued until the broker is back.",
 )
 
 
 @blp.route("/")
 class Releases(MethodView):
-    @blp.arguments(PaginationArgs, location="query")
+    @blp.arguments(ReleaseListArgs, location="query")
     @blp.response(200, ReleasePage)
     def get(self, args, project_pk):
-        """List a project's releases"""
+        """List a project's releases, optionally filtered by version, version_hash or device"""
         get_project(project_pk)
-        return paginate(service.releases_query(project_pk), **args)
+        limit, offset = args.pop("limit"), args.pop("offset")
+        return paginate(service.releases_query(project_pk, **args), limit, offset)
 
-    @blp.arguments(ReleaseSchema)
+    @blp.arguments(ReleaseSchema, example=SEED_EXAMPLE)
     @blp.response(201, ReleaseSchema)
     def post(self, data, project_pk):
         """Create a release; every targeted device receives it"""
         return service.create_release(get_project(project_pk), data)
 
 
-@blp.route("/<int:release_id>/")
+@blp.route("/<int(max=2147483647):release_id>/")
 class ReleaseItem(MethodView):
     @blp.response(200, ReleaseSchema)
     def get(self, project_pk, release_id):
-        """Retrieve a release"""
+        """Retrieve a release by id"""
         return service.get_release(project_pk, release_id)
+
+    @blp.arguments(ReleaseSchema, example=SEED_EXAMPLE)
+    @blp.response(200, ReleaseSchema)
+    def put(self, data, project_pk, release_id):
+        """Replace a release; old and new devices receive their active release again"""
+        return service.update_release(service.get_release(project_pk, release_id), data)
+
+    @blp.arguments(ReleasePatchSchema(partial=True))
+    @blp.response(200, ReleaseSchema)
+    def patch(self, data, project_pk, release_id):
+        """Change some fields of a release; old and new devices receive their active release again"""
+        return service.update_release(service.get_release(project_pk, release_id), data)
+
+    @blp.response(204)
+    def delete(self, project_pk, release_id):
+        """Delete a release; its devices fall back to their previous release of the project, or a tombstone"""
+        service.delete_release(service.get_release(project_pk, release_id))
+
+
+@blp.route("/hash/<string:version_hash>/")
+class ReleaseByHash(MethodView):
+    @blp.response(200, ReleaseSchema)
+    def get(self, project_pk, version_hash):
+        """Retrieve the newest release with this version_hash"""
+        return service.release_by_hash(project_pk, version_hash)

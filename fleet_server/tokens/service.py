@@ -36,8 +36,16 @@ def authenticate(value: str) -> ApiToken | None:
     return token
 
 
+def tokens_query():
+    return db.select(ApiToken).order_by(ApiToken.id)
+
+
 def list_tokens() -> list[ApiToken]:
-    return list(db.session.scalars(db.select(ApiToken).order_by(ApiToken.id)))
+    return list(db.session.scalars(tokens_query()))
+
+
+def get_token(token_id: int) -> ApiToken | None:
+    return db.session.get(ApiToken, token_id)
 
 
 def revoke(token_id: int) -> ApiToken | None:

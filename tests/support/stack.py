@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -174,9 +175,9 @@ def remove_agent_containers(docker_client, unit_ids):
 
 
 @contextlib.contextmanager
-def running_stack(broker_url: str, docker_client, tmp: Path):
-    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database in `tmp`."""
-    env = server_env(tmp, broker_url)
+def running_stack(broker_url: str, docker_client, tmp: Path, database_url: str | None = None):
+    """Server (gunicorn) and ingest worker as real processes on a fresh database (SQLite in `tmp` by default)."""
+    env = server_env(tmp, broker_url, database_url)
     _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
     token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
     port = free_port()
@@ -197,34 +198,103 @@ def running_stack(broker_url: str, docker_client, tmp: Path):
 
 
 @pytest.fixture
-def stack(broker, docker_client, tmp_path):
-    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database."""
-    with running_stack(broker.url, docker_client, tmp_path) as running:
+def stack(request, broker, docker_client, tmp_path):
+    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database.
+
+    Parametrise it indirectly with "postgresql" to run on a fresh PostgreSQL database instead.
+    """
+    from tests.support.databases import fresh_database
+
+    kind = getattr(request, "param", "sqlite")
+    database_url = fresh_database(kind, request, tmp_path) if kind != "sqlite" else None
+    with running_stack(broker.url, docker_client, tmp_path, database_url) as running:
         yield running
 
 
-@pytest.fixture
-def app(tmp_path):
-    """The Flask app on a fresh, migrated SQLite database, with no broker (publications stay queued)."""
-    from flask_migrate import upgrade
-
+def make_app(database_url: str, tmp_path: Path, mqtt_url: str | None = None):
+    """The Flask app on an already migrated database; without mqtt_url nothing listens and publications stay queued."""
     from fleet_server.app import create_app
 
-    application = create_app(
+    return create_app(
         {
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'app.db'}",
-            "FLEET_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}",  # nothing listens: publishing fails fast
-            "FLEET_PUBLISH_TIMEOUT": 0.2,
+            "SQLALCHEMY_DATABASE_URI": database_url,
+            "FLEET_MQTT_URL": mqtt_url or f"mqtt://127.0.0.1:{free_port()}",
+            "FLEET_PUBLISH_TIMEOUT": 2.0 if mqtt_url else 0.2,
             "FLEET_VAR_DIR": str(tmp_path / "var"),
             "TESTING": True,
         }
     )
-    with application.app_context():
-        upgrade(directory=application.config["MIGRATIONS_DIR"], revision="heads")
-    yield application
+
+
+def close_app(application):
+    from fleet_server.extensions import db
+
     publisher = application.extensions.get("fleet_publisher")
     if publisher is not None:
         publisher.close()
+    with application.app_context():
+        db.engine.dispose()
+
+
+@pytest.fixture
+def app(database_url, tmp_path):
+    """The Flask app on a fresh, migrated database (SQLite, then PostgreSQL), with no broker."""
+    application = make_app(database_url, tmp_path)
+    yield application
+    close_app(application)
+
+
+class LiveServer:
+    """The app served over real HTTP on a free loopback port, from a thread of the test process."""
+
+    def __init__(self, application, token: str):
+        from werkzeug.serving import make_server
+
+        self.app = application
+        self.token = token
+        self.server = make_server("127.0.0.1", free_port(), application, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="live-server", daemon=True)
+        self.thread.start()
+
+    def request(self, method, path, token=None, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"APIToken {token or self.token}", **kwargs.pop("headers", {})}
+        return requests.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path, **kwargs):
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path, **kwargs):
+        return self.request("PATCH", path, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def create_token(self, role="admin", name="tests") -> str:
+        from fleet_server.tokens import service
+
+        with self.app.app_context():
+            return service.create(name, None, role)[1]
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join(10)
+        close_app(self.app)
+
+
+@pytest.fixture
+def live(database_url, broker, tmp_path):
+    """The API over real HTTP on a fresh database (SQLite, then PostgreSQL), publishing to the session broker."""
+    server = LiveServer(make_app(database_url, tmp_path, broker.url), token="")
+    server.token = server.create_token()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

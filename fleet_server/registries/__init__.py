@@ -1,0 +1,1 @@
+"""Registries: private Docker registries and the credentials devices log in with."""
