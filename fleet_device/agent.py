@@ -15,8 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import __version__, wire
+from . import __version__, logbuffer, wire
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
+from .execution import CommandRunner
 from .state import RegistryStore, ReleaseQueue
 from .telemetry import Telemetry, TelemetryConfig
 
@@ -85,6 +86,11 @@ class Agent:
         # Topic kind → handler(where, message). Each feature adds its own entry.
         self.handlers = {"releases": self._handle_release}
         self.subscriptions = [wire.release_subscription(self.unit_id)]
+        # Remote commands: run at most once each, off this thread, results kept until acknowledged.
+        self.recent_logs = logbuffer.install()
+        self.command_runner = CommandRunner(self, Path(config.state_dir) / "commands")
+        self.handlers["commands"] = self.command_runner.handle_message
+        self.subscriptions.append(wire.device_topic(self.unit_id, "commands"))
         self.client = self._make_client()
         self._jitter_next_reconnect()
         self.telemetry = Telemetry(config.unit_id, config.state_dir, self.client, self.connected, config.telemetry)
@@ -114,6 +120,7 @@ class Agent:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = lambda *_: self._jitter_next_reconnect()
+        client.on_publish = self.command_runner.published
         return client
 
     def _jitter_next_reconnect(self):
@@ -137,6 +144,7 @@ class Agent:
         self.reconnect_attempts = 0
         client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
+        self.command_runner.connected()
         log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -334,6 +342,7 @@ class Agent:
             properties=properties,
         )
         self.client.loop_start()
+        self.command_runner.start()
         self._thread = threading.Thread(target=self._work, name="agent-messages", daemon=True)
         self._thread.start()
         self.telemetry.start()
@@ -350,6 +359,7 @@ class Agent:
     def stop(self):
         self.stopping.set()
         self.telemetry.stop()
+        self.command_runner.stop()
         if self.connected.is_set():
             try:
                 self.publish_status("offline").wait_for_publish(2)

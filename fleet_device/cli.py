@@ -278,7 +278,9 @@ def sleep(args) -> int:
     try:
         response = requests.post(
             f"{base}/dongle/{unit_id}/execute/",
-            json={"command": "state.sls", "arg": ["docker.release"], "kwarg": {"budget": args.budget}},
+            # The command's own timeout must not cut short what the budget and grace allow.
+            json={"command": "state.sls", "arg": ["docker.release"], "kwarg": {"budget": args.budget},
+                  "timeout": args.budget + args.grace},
             timeout=args.budget + args.grace,
         )
         result = response.json()

@@ -1,11 +1,29 @@
-"""The commands the agent runs, from the server or the local API. One table, one function each."""
+"""The commands the agent runs, from the server or the local API. One table, one function each.
+
+A command is a function `(agent, *arg, **kwarg)` registered with `@command(name)`. Its
+signature and type annotations are its argument schema: `check_arguments` binds the
+caller's arguments to them first, so a wrong call fails naming the argument, and a
+TypeError raised inside a command is never mistaken for a bad call.
+"""
 from __future__ import annotations
 
+import inspect
 import logging
+import platform
+import socket
+import types
+import typing
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Callable
 
+from docker.errors import DockerException, NotFound
+
+from . import __version__
+
 log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0
 
 
 class CommandError(Exception):
@@ -17,32 +35,101 @@ class Command:
     name: str
     run: Callable
     help: str
+    signature: inspect.Signature
+    hints: dict
+    timeout: float  # seconds it may run when the caller sets no timeout
+
+    @property
+    def usage(self) -> str:
+        parameters = list(self.signature.parameters.values())[1:]  # without `agent`
+        return f"{self.name}({', '.join(str(p) for p in parameters)})"
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str):
+def command(name: str, timeout: float = DEFAULT_TIMEOUT):
     def register(function):
-        COMMANDS[name] = Command(name, function, (function.__doc__ or "").strip())
+        hints = typing.get_type_hints(function)
+        hints.pop("return", None)
+        COMMANDS[name] = Command(name, function, (function.__doc__ or "").strip(), inspect.signature(function), hints,
+                                 timeout)
         return function
 
     return register
 
 
-def execute(agent, name: str, arg: list, kwarg: dict):
-    """Run a command and return its value; CommandError when it cannot be run as asked."""
+def check_arguments(name, arg, kwarg) -> Command:
+    """The command `name` after checking that `arg`/`kwarg` fit its signature; CommandError if not."""
     if not isinstance(name, str) or name not in COMMANDS:
         raise CommandError(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
     if not isinstance(arg, list):
         raise CommandError("arg must be a list")
     if not isinstance(kwarg, dict):
         raise CommandError("kwarg must be an object")
+    entry = COMMANDS[name]
     try:
-        return COMMANDS[name].run(agent, *arg, **kwarg)
+        bound = entry.signature.bind(None, *arg, **kwarg)
     except TypeError as exc:
-        raise CommandError(f"{name}: bad arguments: {exc}") from None
+        raise CommandError(f"{name}: bad arguments: {exc}; usage: {entry.usage}") from None
+    for parameter, value in list(bound.arguments.items())[1:]:
+        hint = entry.hints.get(parameter)
+        if hint is not None and not _matches(value, hint):
+            raise CommandError(
+                f"{name}: argument {parameter!r} must be {_describe(hint)}, not {_shorten(repr(value))}; "
+                f"usage: {entry.usage}"
+            )
+    return entry
 
+
+def execute(agent, name: str, arg: list, kwarg: dict):
+    """Run a command and return its value; CommandError when it cannot be run as asked."""
+    return check_arguments(name, arg, kwarg).run(agent, *arg, **kwarg)
+
+
+def timeout_of(name: str) -> float:
+    entry = COMMANDS.get(name)
+    return entry.timeout if entry else DEFAULT_TIMEOUT
+
+
+# --- the argument schema, read from annotations ------------------------------------
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is typing.Any:
+        return True
+    return isinstance(value, origin or hint)
+
+
+_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- agent and deploys -----------------------------------------------------------------
 
 @command("test.ping")
 def test_ping(agent):
@@ -50,7 +137,7 @@ def test_ping(agent):
     return True
 
 
-@command("state.sls")
+@command("state.sls", timeout=900)
 def state_sls(agent, sls: str, budget=None):
     """`state.sls docker.release [budget=SECONDS]`: apply the queued releases now and return their outcomes.
 
@@ -62,3 +149,129 @@ def state_sls(agent, sls: str, budget=None):
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
         raise CommandError(f"state.sls: budget must be a number of seconds >= 0, not {budget!r}")
     return [outcome.as_dict() for outcome in agent.apply_queued(budget=budget)]
+
+
+@command("grains.items")
+def grains_items(agent):
+    """Facts about the device: agent version, unit id, OS, engine version, releases it runs."""
+    try:
+        os_name = platform.freedesktop_os_release().get("PRETTY_NAME")
+    except OSError:
+        os_name = platform.system()
+    try:
+        version = agent.deployer.client.version()
+        engine = {"version": version.get("Version"), "api_version": version.get("ApiVersion")}
+    except DockerException as exc:
+        engine = {"error": f"the Docker engine does not answer: {exc}"}
+    releases = {
+        str(project_id): {"id": release["id"], "version": release.get("version"),
+                          "version_hash": release.get("version_hash")}
+        for project_id, release in sorted(agent.queue.applied_releases().items())
+    }
+    return {
+        "agent_version": __version__,
+        "unit_id": agent.unit_id,
+        "hostname": socket.gethostname(),
+        "os": {"name": os_name, "kernel": platform.release(), "arch": platform.machine()},
+        "engine": engine,
+        "releases": releases,
+    }
+
+
+@command("minionutil.last_logs")
+def last_logs(agent, num: int = 100, level: str | None = None):
+    """The agent's own most recent log lines, oldest first; `level` (e.g. warning) drops quieter ones."""
+    if num < 1:
+        raise CommandError(f"minionutil.last_logs: num must be at least 1, not {num}")
+    threshold = logging.NOTSET
+    if level is not None:
+        threshold = logging.getLevelName(level.upper())
+        if not isinstance(threshold, int):
+            raise CommandError(f"minionutil.last_logs: unknown level {level!r}; use debug, info, warning, error")
+    return agent.recent_logs.lines(num, threshold)
+
+
+# --- containers ----------------------------------------------------------------------
+
+def _container(agent, name: str):
+    try:
+        return agent.deployer.client.containers.get(name)
+    except NotFound:
+        raise CommandError(f"no container named {name!r}") from None
+
+
+def _since(value):
+    if value is None or isinstance(value, (int, float)):
+        return value
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(f"docker.logs: since must be epoch seconds or ISO 8601, not {value!r}") from None
+
+
+@command("docker.logs")
+def docker_logs(agent, name: str, tail: int | str = "all", since: int | float | str | None = None,
+                timestamps: bool = False):
+    """A container's output (stdout and stderr); `tail` lines from the end, `since` epoch seconds or ISO 8601."""
+    if tail != "all" and (not isinstance(tail, int) or tail < 0):
+        raise CommandError(f"docker.logs: tail must be a number of lines or 'all', not {tail!r}")
+    logs = _container(agent, name).logs(stdout=True, stderr=True, tail=tail, since=_since(since),
+                                        timestamps=timestamps)
+    return logs.decode("utf-8", errors="replace")
+
+
+@command("docker.ps")
+def docker_ps(agent, all: bool = False, label: str | list[str] | None = None):
+    """Containers on the engine (running ones unless `all`), optionally only those with the label(s) KEY or KEY=VALUE."""
+    labels = [label] if isinstance(label, str) else list(label or [])
+    summaries = agent.deployer.client.api.containers(all=all, filters={"label": labels} if labels else None)
+    return [
+        {
+            "id": summary["Id"][:12],
+            "name": (summary.get("Names") or ["?"])[0].lstrip("/"),
+            "image": summary.get("Image"),
+            "state": summary.get("State"),
+            "status": summary.get("Status"),
+            "labels": summary.get("Labels") or {},
+            "created": summary.get("Created"),
+        }
+        for summary in summaries
+    ]
+
+
+@command("docker.inspect")
+def docker_inspect(agent, name: str):
+    """Everything the engine knows about a container."""
+    try:
+        return agent.deployer.client.api.inspect_container(name)
+    except NotFound:
+        raise CommandError(f"no container named {name!r}") from None
+
+
+def _status(container) -> dict:
+    container.reload()
+    return {"name": container.name, "status": container.status}
+
+
+@command("docker.restart")
+def docker_restart(agent, name: str, timeout: int = 10):
+    """Restart a container; `timeout` seconds for it to stop before it is killed."""
+    container = _container(agent, name)
+    container.restart(timeout=timeout)
+    return _status(container)
+
+
+@command("docker.stop")
+def docker_stop(agent, name: str, timeout: int = 10):
+    """Stop a container; `timeout` seconds before it is killed."""
+    container = _container(agent, name)
+    container.stop(timeout=timeout)
+    return _status(container)
+
+
+@command("docker.start")
+def docker_start(agent, name: str):
+    """Start a stopped container."""
+    container = _container(agent, name)
+    container.start()
+    return _status(container)

@@ -13,7 +13,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import wire
-from .commands import CommandError, execute
 from .telemetry import reading_from_request
 
 log = logging.getLogger(__name__)
@@ -23,10 +22,11 @@ ROUTES: list[tuple[str, re.Pattern, callable]] = []
 
 
 class LocalApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, field: str | None = None):
         super().__init__(message)
         self.status = status
-        self.message = message
+        self.message = f"{field}: {message}" if field else message
+        self.errors = {field: [message]} if field else {}
 
 
 def route(method: str, pattern: str):
@@ -49,20 +49,38 @@ def agent_status(agent, body):
                  "messages": {"rejected": agent.rejected}}
 
 
+# The remote endpoint's body; `ttl` is accepted for the same body to work here, and means nothing
+# to a command that runs at once.
+_EXECUTE_FIELDS = {"command", "arg", "kwarg", "timeout", "ttl"}
+
+
+def _execute_request(body) -> tuple[str, list, dict, float | None]:
+    if not isinstance(body, dict):
+        raise LocalApiError(400, "the body must be a JSON object with a command")
+    unknown = sorted(set(body) - _EXECUTE_FIELDS)
+    if unknown:
+        raise LocalApiError(400, "unknown field", unknown[0])
+    command, arg, kwarg, timeout = body.get("command"), body.get("arg", []), body.get("kwarg", {}), body.get("timeout")
+    if not isinstance(command, str) or not command:
+        raise LocalApiError(400, "a command name such as docker.logs is required", "command")
+    if not isinstance(arg, list):
+        raise LocalApiError(400, "must be a list", "arg")
+    if not isinstance(kwarg, dict):
+        raise LocalApiError(400, "must be an object", "kwarg")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= wire.MAX_COMMAND_TIMEOUT):
+        raise LocalApiError(400, f"must be a number of seconds, above 0 and at most {wire.MAX_COMMAND_TIMEOUT}",
+                            "timeout")
+    return command, arg, kwarg, timeout
+
+
 @route("POST", r"/dongle/(?P<unit_id>[^/]+)/execute/?")
 def execute_command(agent, body, unit_id):
+    """Run a command now and answer with its result (the same states and fields as the remote one)."""
     if unit_id.lower() != agent.unit_id:
         raise LocalApiError(401, "this request is meant for another device")
-    if not isinstance(body, dict) or not isinstance(body.get("command"), str):
-        raise LocalApiError(400, "command: a command name is required")
-    try:
-        value = execute(agent, body["command"], body.get("arg", []), body.get("kwarg", {}))
-    except CommandError as exc:
-        return 200, {"state": "failed", "error": str(exc)}
-    except Exception as exc:
-        log.exception("command %s failed", body["command"])
-        return 200, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    return 200, {"state": "succeeded", "return": value}
+    command, arg, kwarg, timeout = _execute_request(body)
+    return 200, agent.command_runner.run_now(command, arg, kwarg, timeout)
 
 
 
@@ -122,8 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str):
-        self._send(status, {"code": status, "status": HTTPStatus(status).phrase, "message": message})
+    def _error(self, status: int, message: str, errors: dict | None = None):
+        self._send(status, {"code": status, "status": HTTPStatus(status).phrase, "message": message,
+                            "errors": errors or {}})
 
     def _body(self):
         try:
@@ -151,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body = self._body() if method == "POST" else None
                     status, reply = function(self.agent, body, **pattern.match(path).groupdict())
                 except LocalApiError as exc:
-                    return self._error(exc.status, exc.message)
+                    return self._error(exc.status, exc.message, exc.errors)
                 return self._send(status, reply)
         self._error(405, f"{method} is not allowed on {path}")
 

@@ -355,6 +355,61 @@ def telemetry_payload(batch_id: str, dropped: int, readings_json: list[str]) -> 
     return f'{head[:-1]},"readings":[{",".join(readings_json)}]}}'.encode()
 
 
+# --- Remote commands (server → device on `commands`, device → server on `results`) ---
+#
+# The command message also carries MQTT v5 properties: ResponseTopic (the device's
+# results topic), CorrelationData (the command id) and MessageExpiryInterval (the
+# seconds left of its TTL), so the broker drops it unread once it expired.
+
+COMMAND_STATES = ("queued", "delivered", "running", "succeeded", "failed", "expired", "timed_out")
+# The states a device reports; `queued` is the server's alone.
+COMMAND_REPORT_STATES = COMMAND_STATES[1:]
+FINAL_COMMAND_STATES = ("succeeded", "failed", "expired", "timed_out")
+MAX_COMMAND_TIMEOUT = 24 * 3600
+MAX_COMMAND_ERROR = 4000
+# A command's arguments must leave room in the message for everything else.
+MAX_COMMAND_ARGUMENTS_BYTES = 64 * 1024
+
+
+def command_rank(state: str) -> int:
+    """Order of the command states: a report never moves a command back to an earlier one."""
+    if state in FINAL_COMMAND_STATES:
+        return 3
+    return COMMAND_STATES.index(state)
+
+
+class CommandMessageSchema(_Message):
+    """server → device: run `command` with `arg`/`kwarg` once, unless `deadline` (epoch seconds) passed.
+
+    `timeout` is null when the device should use the command's own default.
+    """
+
+    id = fields.UUID(required=True)
+    command = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    arg = fields.List(fields.Raw(allow_none=True), load_default=list)
+    kwarg = fields.Dict(keys=fields.String(), load_default=dict)
+    timeout = fields.Float(load_default=None, allow_none=True,
+                           validate=validate.Range(min=0, min_inclusive=False, max=MAX_COMMAND_TIMEOUT))
+    deadline = fields.Float(required=True)
+
+
+class CommandResultSchema(_Message):
+    """device → server: the state of one command; a final state carries its return value or error."""
+
+    id = fields.UUID(required=True)
+    state = fields.String(required=True, validate=validate.OneOf(COMMAND_REPORT_STATES))
+    return_value = fields.Raw(data_key="return", load_default=None, allow_none=True)
+    error = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=MAX_COMMAND_ERROR))
+    truncated = fields.Boolean(load_default=False)
+    started_at = fields.Float(load_default=None, allow_none=True)
+    finished_at = fields.Float(load_default=None, allow_none=True)
+    ts = fields.Float(required=True)
+
+
+command_message = CommandMessageSchema()
+command_result = CommandResultSchema()
+
+
 # --- Container parameters both sides interpret the same way -----------------
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")

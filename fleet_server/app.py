@@ -77,6 +77,7 @@ def _configure_sqlite(app):
 
 
 def register_blueprints(app):
+    from .commands.views import blp as commands
     from .deployments.views import blp as deployments
     from .devices.views import blp as devices
     from .health.views import blp as health
@@ -87,8 +88,8 @@ def register_blueprints(app):
     from .releases.views import blp as releases
     from .tokens.views import blp as tokens
 
-    for blueprint in (health, registries, projects, releases, devices, deployments, logbook, tokens, provisioning,
-                      register):
+    for blueprint in (health, registries, projects, releases, devices, deployments, commands, logbook, tokens,
+                      provisioning, register):
         extensions.api.register_blueprint(blueprint)
 
 

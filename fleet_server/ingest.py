@@ -65,10 +65,17 @@ def record_status(device: Device, status: dict):
         device.agent_version = status["agent_version"]
 
 
+def record_command_result(device: Device, result: dict):
+    from .commands.service import record_result  # imported late: the commands package imports this module
+
+    return record_result(device, result)
+
+
 _HANDLERS = {
     "deployments": (wire.deployment_report, record_deployment),
     "status": (wire.status_message, record_status),
     "telemetry": (wire.telemetry_batch, record_telemetry),
+    "results": (wire.command_result, record_command_result),
 }
 KINDS = tuple(_HANDLERS)
 

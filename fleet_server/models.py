@@ -166,3 +166,4 @@ class Publication(db.Model):
 from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
 from .worker_sessions import IngestSession  # noqa: E402,F401  (ingest workers' broker sessions)
 from .logbook import models as _logbook_models  # noqa: E402,F401
+from .commands import models as command_models  # noqa: E402,F401

@@ -94,12 +94,13 @@ class Publisher:
             return False
         return client.is_connected()
 
-    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None) -> bool:
+    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, properties=None) -> bool:
         """Publish and wait for the broker's acknowledgement; False if it did not come."""
         timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
         if not self.ready():
             return False
-        return publish_and_wait(self._client, topic, payload, retain=retain, qos=qos, timeout=timeout)
+        return publish_and_wait(self._client, topic, payload, retain=retain, qos=qos, timeout=timeout,
+                                properties=properties)
 
     def publish_many(self, messages, *, retain=False, qos=1, timeout=None) -> list[bool]:
         """Publish [(topic, payload)] without waiting in between; which ones the broker acknowledged."""
@@ -117,10 +118,10 @@ class Publisher:
             self._client.loop_stop()
 
 
-def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0) -> bool:
+def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0, properties=None) -> bool:
     if not client.is_connected():
         return False
-    info = client.publish(topic, payload, qos=qos, retain=retain)
+    info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
     try:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError) as exc:

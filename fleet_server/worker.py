@@ -18,9 +18,10 @@ from paho.mqtt.properties import Properties
 from fleet_device import wire
 
 from . import ingest, outbox, worker_sessions
+from .commands import service as commands
 from .config import mqtt_endpoint
 from .extensions import db
-from .mqtt import connect, make_client, publish_many
+from .mqtt import connect, make_client, publish_and_wait, publish_many
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ class IngestWorker:
             except Exception:
                 log.exception("outbox sweep failed")
                 db.session.rollback()
+            try:
+                commands.publish_pending(
+                    lambda topic, payload, properties: publish_and_wait(self.client, topic, payload,
+                                                                        properties=properties)
+                )
+            except Exception:
+                log.exception("command sweep failed")
+                db.session.rollback()
             finally:
                 db.session.remove()
         if self.heartbeat_file is not None:
@@ -122,8 +131,10 @@ class IngestWorker:
         next_sweep = 0.0
         try:
             while not self.stopping.is_set():
+                # A report is handled the moment it arrives; the wait only bounds how late a sweep
+                # (and noticing `stop`) can be.
                 try:
-                    self._handle(*self.inbox.get(timeout=0.2))
+                    self._handle(*self.inbox.get(timeout=min(0.2, max(0.0, next_sweep - time.monotonic()))))
                 except queue.Empty:
                     pass
                 if time.monotonic() >= next_sweep:

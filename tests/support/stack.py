@@ -1,6 +1,7 @@
 """Fixtures that run Fleet itself: the app in-process, and the real server, worker and agents as processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -176,23 +177,17 @@ def remove_agent_containers(docker_client, unit_ids):
             container.remove(force=True)
 
 
-@pytest.fixture
-def stack(request, broker, docker_client, tmp_path):
-    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database.
-
-    Parametrise it indirectly with "postgresql" to run on a fresh PostgreSQL database instead.
-    """
-    from tests.support.databases import fresh_database
-
-    kind = getattr(request, "param", "sqlite")
-    env = server_env(tmp_path, broker.url, fresh_database(kind, request, tmp_path) if kind != "sqlite" else None)
+@contextlib.contextmanager
+def running_stack(broker_url: str, docker_client, tmp: Path, database_url: str | None = None):
+    """Server (gunicorn) and ingest worker as real processes on a fresh database (SQLite in `tmp` by default)."""
+    env = server_env(tmp, broker_url, database_url)
     _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
     token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
     port = free_port()
-    running = Stack(f"http://127.0.0.1:{port}", token, env, tmp_path, broker.url)
+    running = Stack(f"http://127.0.0.1:{port}", token, env, tmp, broker_url)
     server = Process(
         _command("fleet-server") + ["serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env,
-        tmp_path / "server.log",
+        tmp / "server.log",
     ).start()
     running.processes.append(server)
     running.start_worker()
@@ -203,6 +198,20 @@ def stack(request, broker, docker_client, tmp_path):
         for process in reversed(running.processes):
             process.stop()
         remove_agent_containers(docker_client, [a.unit_id for a in running.agents])
+
+
+@pytest.fixture
+def stack(request, broker, docker_client, tmp_path):
+    """Server (gunicorn) and ingest worker as real processes on a fresh SQLite database.
+
+    Parametrise it indirectly with "postgresql" to run on a fresh PostgreSQL database instead.
+    """
+    from tests.support.databases import fresh_database
+
+    kind = getattr(request, "param", "sqlite")
+    database_url = fresh_database(kind, request, tmp_path) if kind != "sqlite" else None
+    with running_stack(broker.url, docker_client, tmp_path, database_url) as running:
+        yield running
 
 
 def make_app(database_url: str, tmp_path: Path, mqtt_url: str | None = None):

@@ -1,0 +1,183 @@
+"""Round trip of `test.ping`: from POST /dongle/devices/{id}/execute/ to the result stored.
+
+Runs its own Mosquitto (set_tcp_nodelay) on a free loopback port, a fresh SQLite database,
+the REST server (gunicorn), one ingest worker and one device agent, all as real processes
+from this checkout, then posts `test.ping` `--runs` times one after another and prints:
+
+- server-side: the command's created_at → completed_at (the worker stored the result),
+  both stamped by the server's clock, so polling does not blur them, split at the agent's
+  started_at/finished_at (same machine, same clock);
+- client-side: POST sent → a GET first shows the final state (polled every `--poll` s).
+
+Bounded: at most `--runs` commands (default 200) and `--budget` seconds (default 120).
+Nothing leaves loopback; everything lives in a temporary directory removed at the end.
+
+    .venv/bin/python benchmarks/command_rtt.py [--runs 200] [--warmup 20]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import requests
+
+log = logging.getLogger("command_rtt")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def summary(name: str, values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return (f"{name:<34} n={len(ms):<4} p50={percentile(ms, 0.5):6.2f} ms  p99={percentile(ms, 0.99):6.2f} ms  "
+            f"mean={statistics.fmean(ms):6.2f} ms  max={max(ms):6.2f} ms")
+
+
+class Processes:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], env: dict) -> subprocess.Popen:
+        output = open(self.directory / f"{name}.log", "ab")
+        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
+        self.running.append(process)
+        return process
+
+    def stop_all(self):
+        for process in reversed(self.running):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def run(args) -> int:
+    work = Path(tempfile.mkdtemp(prefix="fleet-bench-rtt-"))
+    processes = Processes(work)
+    try:
+        broker_port, http_port, api_port = free_port(), free_port(), free_port()
+        (work / "mosquitto.conf").write_text(
+            f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "set_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+        )
+        processes.start("broker", ["mosquitto", "-c", str(work / "mosquitto.conf")], dict(os.environ))
+        env = {
+            **os.environ,
+            "FLEET_VAR_DIR": str(work / "var"),
+            "FLEET_DATABASE_URL": f"sqlite:///{work / 'fleet.db'}",
+            "FLEET_MQTT_URL": f"mqtt://127.0.0.1:{broker_port}",
+            "FLEET_MQTT_GROUP": "fleet-bench",
+            "FLEET_LOG_LEVEL": "WARNING",
+        }
+        server = [str(BIN / "fleet-server")]
+        subprocess.run(server + ["db", "upgrade", "heads"], env=env, check=True, capture_output=True, timeout=120)
+        token = subprocess.run(server + ["tokens", "create", "--name", "bench"], env=env, check=True,
+                               capture_output=True, text=True, timeout=60).stdout.split()[-1]
+        device_id, unit_id = subprocess.run(server + ["devices", "create", "--name", "bench"], env=env, check=True,
+                                            capture_output=True, text=True, timeout=60).stdout.split()
+        processes.start("server", server + ["serve", "--bind", f"127.0.0.1:{http_port}", "--workers", "2"], env)
+        processes.start("worker", server + ["worker", "--worker-id", "bench"], env)
+        processes.start("agent", [str(BIN / "fleet-device"), "run", "--unit-id", unit_id,
+                                  "--broker", f"mqtt://127.0.0.1:{broker_port}", "--state-dir", str(work / "agent"),
+                                  "--api", f"127.0.0.1:{api_port}", "--minion-id-file", str(work / "minion_id")], env)
+        base = f"http://127.0.0.1:{http_port}"
+        wait_for(lambda: answers(base + "/health"), 60, "the server")
+        wait_for(lambda: answers(f"http://127.0.0.1:{api_port}/"), 60, "the agent")
+
+        session = requests.Session()
+        session.headers["Authorization"] = f"APIToken {token}"
+        url = f"{base}/dongle/devices/{device_id}/execute/"
+        server_side, client_side, to_agent, from_agent, failures = [], [], [], [], 0
+        deadline = time.monotonic() + args.budget
+        for number in range(args.warmup + args.runs):
+            if time.monotonic() > deadline:
+                log.warning("time budget of %.0f s spent after %d commands", args.budget, number)
+                break
+            sent = time.perf_counter()
+            created = session.post(url, json={"command": "test.ping"}, timeout=10).json()
+            while True:
+                body = session.get(f"{url}{created['id']}/", timeout=10).json()
+                if body["state"] not in ("queued", "delivered", "running"):
+                    break
+                if time.perf_counter() - sent > 10:
+                    raise RuntimeError(f"command {created['id']} did not finish within 10 s: {body}")
+                time.sleep(args.poll)
+            seen = time.perf_counter()
+            if number < args.warmup:
+                continue
+            if body["state"] != "succeeded":
+                failures += 1
+                continue
+            created_at, started_at, finished_at, completed_at = (
+                datetime.fromisoformat(body[key]) for key in ("created_at", "started_at", "finished_at", "completed_at")
+            )
+            server_side.append((completed_at - created_at).total_seconds())
+            to_agent.append((started_at - created_at).total_seconds())
+            from_agent.append((completed_at - finished_at).total_seconds())
+            client_side.append(seen - sent)
+        print(f"test.ping round trips through a real broker, server, worker and agent ({os.cpu_count()} CPUs)")
+        print(summary("created → result stored (server)", server_side))
+        print(summary("  of which created → agent starts", to_agent))
+        print(summary("  of which agent done → stored", from_agent))
+        print(summary("POST → GET shows it (client)", client_side))
+        print(f"failed: {failures}")
+        return 0 if server_side and not failures else 1
+    finally:
+        processes.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200, help="measured commands (default 200)")
+    parser.add_argument("--warmup", type=int, default=20, help="commands before measuring (default 20)")
+    parser.add_argument("--poll", type=float, default=0.001, help="seconds between GETs (default 0.001)")
+    parser.add_argument("--budget", type=float, default=120.0, help="stop after this many seconds (default 120)")
+    args = parser.parse_args()
+    if not 0 < args.runs <= 10000 or not 0 <= args.warmup <= 1000:
+        parser.error("--runs must be 1..10000 and --warmup 0..1000")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""Running remote commands on the agent: at most once per id, within their deadline and timeout,
+with every result kept on disk until the broker acknowledged it.
+
+The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON lines:
+
+    {"accepted": ID}     fsynced before the command runs (and before the message is acknowledged),
+    {"result": {...}}    fsynced before the result is published,
+    {"acked": ID}        when the broker acknowledged the result (not fsynced: losing it only
+                         means the result is sent once more, and the server ignores repeats).
+
+Replaying it at start-up gives the ids already accepted (never run again), the results still
+to send (sent on every connect), the most recent results (a command delivered again gets its
+result again: the server asks when a result it was acknowledged got lost on the way), and the
+ids accepted that never got a result: the agent stopped while they ran, so they are reported
+failed. Past a bound it is rewritten atomically with only what is still needed.
+
+Each command runs in a thread of its own, at most `max_parallel` at once, never on the MQTT
+network thread or the agent's message thread, so a long deploy does not hold up a ping. One
+supervisor thread enforces timeouts (the command is reported `timed_out` and its late result
+discarded: Python cannot kill a thread, so it is left to finish in the background), reports
+`delivered`/`running` for commands that take a while, and resends what is unacknowledged.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from . import commands, wire
+from .state import write_atomically
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT_BYTES = 256 * 1024
+
+
+# --- output ------------------------------------------------------------------------------
+
+def cap_output(value, limit: int = MAX_OUTPUT_BYTES):
+    """(value, truncated): the value as JSON can carry it, cut to about `limit` bytes with a marker.
+
+    A string keeps its end (the newest output); anything else becomes its JSON text, cut.
+    """
+    encoded = json.dumps(value, default=str)
+    if len(encoded) <= limit:
+        return json.loads(encoded), False
+    if isinstance(value, str):
+        kept = value[-limit:]
+        while len(json.dumps(kept)) > limit:  # escapes (non-ASCII, quotes) make JSON longer than the text
+            kept = kept[len(kept) // 4:]
+        marker = f"[output truncated: showing the last {len(kept)} of {len(value)} characters]\n"
+        return marker + kept, True
+    return (f"[output truncated: the first {limit} of {len(encoded)} bytes of its JSON follow, "
+            f"so it is not valid JSON]\n{encoded[:limit]}"), True
+
+
+def _cap_error(text: str | None) -> str | None:
+    if text is None or len(text) <= wire.MAX_COMMAND_ERROR:
+        return text
+    marker = " [error truncated]"
+    return text[: wire.MAX_COMMAND_ERROR - len(marker)] + marker
+
+
+# --- the journal ---------------------------------------------------------------------------
+
+class CommandJournal:
+    """Which command ids were accepted, and which results the broker has not acknowledged yet."""
+
+    def __init__(self, directory: Path, remember: int = 2000, recent_results: int = 100):
+        self.path = Path(directory) / "journal.log"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.remember = remember
+        self.recent_results = recent_results
+        self.recent: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.accepted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.unfinished: set[str] = set()
+        self.unsent: dict[str, dict] = {}
+        self._entries = 0
+        self._compact_above = 3 * remember
+        self._load()
+        self._file = open(self.path, "ab")
+
+    def _load(self):
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                self._apply(entry)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                # A power loss can tear the last line; anything unreadable is skipped, not fatal.
+                log.warning("skipping unreadable line %d of %s", number, self.path)
+        self._entries = len(lines)
+
+    def _apply(self, entry: dict):
+        if "accepted" in entry:
+            self._remember(str(entry["accepted"]))
+            self.unfinished.add(str(entry["accepted"]))
+        elif "result" in entry:
+            result = entry["result"]
+            self._remember(result["id"])
+            self.unfinished.discard(result["id"])
+            self.unsent[result["id"]] = result
+            self.recent[result["id"]] = result
+            self.recent.move_to_end(result["id"])
+            while len(self.recent) > self.recent_results:
+                self.recent.popitem(last=False)
+        elif "acked" in entry:
+            self.unsent.pop(entry["acked"], None)
+        else:
+            raise KeyError("no known entry")
+
+    def _remember(self, command_id: str):
+        self.accepted[command_id] = None
+        self.accepted.move_to_end(command_id)
+        while len(self.accepted) > self.remember:
+            self.accepted.popitem(last=False)  # unfinished and unsent ids stay known through their own sets
+
+    def _known(self, command_id: str) -> bool:
+        return command_id in self.accepted or command_id in self.unfinished or command_id in self.unsent
+
+    def seen(self, command_id: str) -> bool:
+        with self._lock:
+            return self._known(command_id)
+
+    def accept(self, command_id: str) -> bool:
+        """Record the id durably; False if it was accepted before (a duplicate delivery)."""
+        with self._lock:
+            if self._known(command_id):
+                return False
+            self._append({"accepted": command_id}, sync=True)
+            return True
+
+    def record_result(self, result: dict):
+        with self._lock:
+            self._append({"result": result}, sync=True)
+
+    def acknowledge(self, command_id: str):
+        with self._lock:
+            if command_id in self.unsent:
+                self._append({"acked": command_id}, sync=False)
+
+    def pending_results(self) -> list[dict]:
+        with self._lock:
+            return list(self.unsent.values())
+
+    def result(self, command_id: str) -> dict | None:
+        """The final result of a recent command, sent or not."""
+        with self._lock:
+            return self.recent.get(command_id) or self.unsent.get(command_id)
+
+    def _append(self, entry: dict, sync: bool):
+        """Write an entry (durably when `sync`), then let it count. Call with the lock held."""
+        self._file.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        self._file.flush()
+        if sync:
+            os.fsync(self._file.fileno())
+        self._apply(entry)
+        self._entries += 1
+        if self._entries > self._compact_above:
+            self._compact()
+
+    def _compact(self):
+        accepted = [*self.accepted, *(i for i in self.unfinished if i not in self.accepted)]
+        kept = {**self.recent, **self.unsent}
+        entries = [{"accepted": command_id} for command_id in accepted if command_id not in kept]
+        for command_id, result in kept.items():
+            entries.append({"result": result})
+            if command_id not in self.unsent:
+                entries.append({"acked": command_id})
+        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
+        self._file.close()
+        write_atomically(self.path, data)
+        self._file = open(self.path, "ab")
+        self._entries = len(entries)
+        self._compact_above = max(3 * self.remember, 2 * len(entries))  # never compact on every append
+        log.debug("compacted %s to %d entries", self.path, len(entries))
+
+    def close(self):
+        with self._lock:
+            self._file.close()
+
+
+# --- running -----------------------------------------------------------------------------
+
+@dataclass
+class CommandRun:
+    id: str
+    name: str
+    arg: list
+    kwarg: dict
+    timeout: float
+    deadline: float  # epoch seconds, from the server
+    expires_monotonic: float | None = None  # from the broker's remaining MessageExpiryInterval
+    correlation: bytes | None = None
+    accepted_monotonic: float = field(default_factory=time.monotonic)
+    state: str = "delivered"
+    started_at: float | None = None
+    started_monotonic: float | None = None
+    progress_reported: bool = False
+    finished: bool = False
+
+    def expired(self) -> bool:
+        if time.time() >= self.deadline:
+            return True
+        return self.expires_monotonic is not None and time.monotonic() >= self.expires_monotonic
+
+
+class CommandRunner:
+    def __init__(self, agent, directory: Path, max_parallel: int = 4, progress_delay: float = 0.25,
+                 max_output: int = MAX_OUTPUT_BYTES):
+        self.agent = agent
+        self.journal = CommandJournal(directory)
+        self.max_parallel = max_parallel
+        self.progress_delay = progress_delay
+        self.max_output = max_output
+        self._lock = threading.Lock()
+        self._active: dict[str, CommandRun] = {}
+        self._waiting: collections.deque[CommandRun] = collections.deque()
+        self._running = 0
+        self._in_flight: dict[str, object] = {}  # command id → paho MQTTMessageInfo of its result
+        self._wakeup = threading.Event()
+        self._resend = threading.Event()
+        self._stopping = threading.Event()
+        self.abandoned = 0
+        for command_id in sorted(self.journal.unfinished):
+            log.warning("command=%s was accepted but the agent stopped before it finished", command_id)
+            self.journal.record_result(self._result(
+                command_id, "failed",
+                error="the agent stopped while this command was pending or running; it may have partly run, "
+                      "and it is not run again",
+            ))
+
+    @property
+    def results_topic(self) -> str:
+        return wire.device_topic(self.agent.unit_id, "results")
+
+    # --- MQTT side: all tiny, none of it blocks -------------------------------------------
+
+    def connected(self):
+        """The agent (re)connected: send the results the broker never acknowledged."""
+        self._resend.set()
+        self._wakeup.set()
+
+    def published(self, *_):
+        """paho's on_publish: some result may be acknowledged now."""
+        self._wakeup.set()
+
+    def handle_message(self, where: wire.DeviceTopic, message):
+        """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
+        command = wire.decode(wire.command_message, message.payload)
+        command_id = str(command["id"])
+        properties = getattr(message, "properties", None)
+        expiry = getattr(properties, "MessageExpiryInterval", None)
+        response_topic = getattr(properties, "ResponseTopic", None)
+        if response_topic not in (None, self.results_topic):
+            log.warning("command=%s asks for results on %s; they go to %s", command_id, response_topic,
+                        self.results_topic)
+        run = CommandRun(
+            id=command_id,
+            name=command["command"],
+            arg=command["arg"],
+            kwarg=command["kwarg"],
+            timeout=command["timeout"] or commands.timeout_of(command["command"]),
+            deadline=command["deadline"],
+            expires_monotonic=time.monotonic() + expiry if expiry is not None else None,
+            correlation=getattr(properties, "CorrelationData", None),
+        )
+        try:
+            fresh = self.journal.accept(command_id)
+        except OSError as exc:
+            # Without the journal, running it could run it twice; say so rather than go quiet.
+            log.error("command=%s cannot be journaled: %s", command_id, exc)
+            self._publish(self._result(command_id, "failed", error=f"the agent cannot record the command: {exc}"),
+                          run.correlation, durable=False)
+            return
+        if not fresh:
+            self._answer_repeat(command_id, run.correlation)
+            return
+        log.info("command=%s name=%s accepted", command_id, run.name)
+        if run.expired():
+            self._finish(run, "expired", error="the command's TTL passed before it reached the device; not run")
+            return
+        with self._lock:
+            self._active[run.id] = run
+            self._waiting.append(run)
+            started = self._start_waiting_locked()
+        self._wakeup.set()
+        self._report_started(started)
+
+    def _answer_repeat(self, command_id: str, correlation: bytes | None):
+        """The command came again: say how it stands (the server asks when it heard nothing), never rerun it."""
+        with self._lock:
+            run = self._active.get(command_id)
+            state = run.state if run else None
+            started_at = run.started_at if run else None
+        result = None if run else self.journal.result(command_id)
+        if run is not None:
+            log.info("command=%s delivered again; it is %s", command_id, state)
+            self._publish(self._result(command_id, state, started_at=started_at), correlation, durable=False)
+        elif result is not None:
+            log.info("command=%s delivered again; it ran already, its result is sent again", command_id)
+            self._publish(result, correlation, durable=False)
+        else:
+            log.info("command=%s delivered again; it ran long ago and runs only once", command_id)
+
+    # --- local API -------------------------------------------------------------------------
+
+    def run_now(self, name: str, arg: list, kwarg: dict, timeout: float | None = None) -> dict:
+        """Run a command in this thread's stead and wait for it (local API); not journaled."""
+        timeout = timeout or commands.timeout_of(name)
+        outcome: dict = {}
+        started_at = time.time()
+
+        def target():
+            outcome.update(self._execute(name, arg, kwarg))
+
+        worker = threading.Thread(target=target, name="command-local", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            self.abandoned += 1
+            log.warning("local command %s still running after %.1f s; no longer waited for", name, timeout)
+            return self._body("timed_out", None, _timeout_error(timeout), False, started_at, time.time())
+        return self._body(outcome["state"], outcome.get("return"), outcome.get("error"),
+                          outcome.get("truncated", False), started_at, time.time())
+
+    # --- threads -------------------------------------------------------------------------
+
+    def start(self):
+        self._supervisor = threading.Thread(target=self._supervise, name="command-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop(self):
+        self._stopping.set()
+        self._wakeup.set()
+        supervisor = getattr(self, "_supervisor", None)
+        if supervisor is not None:
+            supervisor.join(5)
+
+    def _start_waiting_locked(self) -> list[CommandRun]:
+        """Start waiting commands while there is room; returns those started. Call with the lock held."""
+        started = []
+        while self._waiting and self._running < self.max_parallel:
+            run = self._waiting.popleft()
+            if run.finished:
+                continue
+            if run.expired():
+                # Waited past its deadline behind other commands: the supervisor reports it.
+                self._waiting.appendleft(run)
+                break
+            run.state = "running"
+            run.started_at = time.time()
+            run.started_monotonic = time.monotonic()
+            self._running += 1
+            threading.Thread(target=self._run, args=(run,), name=f"command-{run.id[:8]}", daemon=True).start()
+            started.append(run)
+        return started
+
+    def _report_started(self, runs: list[CommandRun]):
+        for run in runs:
+            if run.progress_reported:  # it was reported `delivered` while it waited
+                self._publish(self._result(run.id, "running", started_at=run.started_at), run.correlation,
+                              durable=False)
+
+    def _run(self, run: CommandRun):
+        outcome = self._execute(run.name, run.arg, run.kwarg)
+        with self._lock:
+            if run.finished:
+                log.warning("command=%s finished after it was reported timed_out; its result is dropped", run.id)
+                return
+            run.finished = True
+            self._active.pop(run.id, None)
+            self._running -= 1
+            started = self._start_waiting_locked()
+        self._finish(run, outcome["state"], outcome.get("return"), outcome.get("error"), outcome.get("truncated", False))
+        self._report_started(started)
+
+    def _execute(self, name: str, arg: list, kwarg: dict) -> dict:
+        try:
+            value = commands.execute(self.agent, name, arg, kwarg)
+        except commands.CommandError as exc:
+            log.info("command %s failed: %s", name, exc)
+            return {"state": "failed", "error": str(exc)}
+        except Exception as exc:  # a bug or an engine error: a failed result, never a dead agent
+            log.exception("command %s raised", name)
+            return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        value, truncated = cap_output(value, self.max_output)
+        return {"state": "succeeded", "return": value, "truncated": truncated}
+
+    def _supervise(self):
+        while not self._stopping.is_set():
+            try:
+                timeout = self._check_runs()
+                self._wakeup.wait(timeout)
+                self._wakeup.clear()
+                if self._resend.is_set():
+                    self._resend.clear()
+                    self._resend_unacknowledged()
+                self._confirm_published()
+            except Exception:  # a bug must not leave timeouts unenforced for good
+                log.exception("command supervisor failed; going on")
+                self._stopping.wait(1.0)
+
+    def _check_runs(self) -> float:
+        """Time out, expire and report progress as due; returns seconds until something is due next."""
+        now = time.monotonic()
+        due = now + 1.0
+        timed_out, expired, progress = [], [], []
+        with self._lock:
+            for run in list(self._active.values()):
+                if run.state == "running":
+                    limit = run.started_monotonic + run.timeout
+                    if now >= limit:
+                        run.finished = True
+                        self._active.pop(run.id)
+                        self._running -= 1
+                        self.abandoned += 1
+                        timed_out.append(run)
+                        continue
+                    due = min(due, limit)
+                elif run.expired():
+                    run.finished = True
+                    self._active.pop(run.id)
+                    expired.append(run)
+                    continue
+                else:
+                    due = min(due, now + max(0.0, run.deadline - time.time()))
+                    if run.expires_monotonic is not None:
+                        due = min(due, run.expires_monotonic)
+                if not run.progress_reported:
+                    if now >= run.accepted_monotonic + self.progress_delay:
+                        run.progress_reported = True
+                        progress.append((run, run.state))
+                    else:
+                        due = min(due, run.accepted_monotonic + self.progress_delay)
+            started = self._start_waiting_locked()
+        for run in timed_out:
+            log.warning("command=%s name=%s still running after %.1f s: timed out", run.id, run.name, run.timeout)
+            self._finish(run, "timed_out", error=_timeout_error(run.timeout))
+        for run in expired:
+            self._finish(run, "expired", error="the command's TTL passed while it waited on the device; not run")
+        for run, state in progress:
+            self._publish(self._result(run.id, state, started_at=run.started_at), run.correlation, durable=False)
+        self._report_started(started)
+        return max(0.0, due - time.monotonic())
+
+    # --- results -------------------------------------------------------------------------
+
+    def _body(self, state, value, error, truncated, started_at, finished_at) -> dict:
+        return {"state": state, "return": value, "error": _cap_error(error), "truncated": truncated,
+                "started_at": started_at, "finished_at": finished_at}
+
+    def _result(self, command_id, state, value=None, error=None, truncated=False, started_at=None,
+                finished_at=None) -> dict:
+        return {"id": command_id, **self._body(state, value, error, truncated, started_at, finished_at),
+                "ts": time.time()}
+
+    def _finish(self, run: CommandRun, state, value=None, error=None, truncated=False):
+        result = self._result(run.id, state, value, error, truncated, run.started_at, time.time())
+        log.info("command=%s name=%s state=%s", run.id, run.name, state)
+        # On disk before it is sent: a result the broker never acknowledged is sent again after a
+        # restart, rather than the command being reported as interrupted.
+        try:
+            self.journal.record_result(result)
+            durable = True
+        except OSError as exc:
+            log.error("command=%s result cannot be journaled (%s); it is sent once, not kept", run.id, exc)
+            durable = False
+        self._publish(result, run.correlation, durable)
+
+    def _track(self, command_id: str, info):
+        with self._lock:
+            self._in_flight[command_id] = info
+        self._wakeup.set()
+
+    def _publish(self, result: dict, correlation: bytes | None, durable: bool):
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.CorrelationData = correlation or result["id"].encode()
+        try:
+            payload = wire.encode(wire.command_result, result)
+        except wire.WireError as exc:  # a bug; the server must still hear that the command ended
+            log.error("command=%s result does not fit the wire contract: %s", result["id"], exc)
+            result = {**result, "return": None, "truncated": False, "error": _cap_error(f"unsendable result: {exc}")}
+            try:
+                payload = wire.encode(wire.command_result, result)
+            except wire.WireError:
+                return None
+        info = self.agent.client.publish(self.results_topic, payload, qos=1, properties=properties)
+        if durable and result["state"] in wire.FINAL_COMMAND_STATES:
+            self._track(result["id"], info)
+        return info
+
+    def _confirm_published(self):
+        with self._lock:
+            done = [command_id for command_id, info in self._in_flight.items() if _acknowledged(info)]
+            for command_id in done:
+                del self._in_flight[command_id]
+        for command_id in done:
+            self.journal.acknowledge(command_id)
+
+    def _resend_unacknowledged(self):
+        # Results published by this process are resent by paho itself; only older ones go again.
+        with self._lock:
+            in_flight = set(self._in_flight)
+        for result in self.journal.pending_results():
+            if result["id"] not in in_flight:
+                log.info("command=%s resending its %s result", result["id"], result["state"])
+                self._publish(result, None, durable=True)
+
+
+def _acknowledged(info) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # published while disconnected: paho sends it on reconnect
+        return False
+
+
+def _timeout_error(timeout: float) -> str:
+    return (f"still running after its timeout of {timeout:g} s; the agent stopped waiting "
+            "(the command may still complete in the background, its result is not reported)")

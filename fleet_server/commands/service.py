@@ -1,0 +1,262 @@
+"""Command operations, callable without HTTP: create and publish commands, record results, expire.
+
+A command is committed before it is published, so a result can never arrive for a row that
+does not exist yet. Publishing happens right after the commit from the web process; what
+the broker did not take stays `queued` with no `published_at`, and every worker's sweep
+publishes it later, unless its TTL passed first: then it is `expired` and never sent. The
+sweep also asks again for commands that have no final result after a while (see
+`Command.next_attempt_at`).
+"""
+import json
+import logging
+import math
+from datetime import datetime, timedelta, timezone
+
+from flask import current_app
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleet_device import wire
+
+from ..devices.service import get_device
+from ..errors import NotFound, ValidationError
+from ..extensions import db
+from ..ingest import Rejected
+from ..models import Device, utcnow
+from .models import Command
+
+log = logging.getLogger(__name__)
+
+# An unfinished command is asked for again after 10 s, 20 s, 40 s ... at most every 10 minutes.
+FIRST_RETRY = timedelta(seconds=10)
+LAST_RETRY = timedelta(minutes=10)
+GIVE_UP_AFTER = timedelta(days=8) + timedelta(seconds=wire.MAX_COMMAND_TIMEOUT)
+EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; it was not run"
+
+
+# --- creating and reading ------------------------------------------------------
+
+def create_command(device_pk: str, data: dict) -> Command:
+    device = db.session.get(Device, device_pk)
+    if device is None:
+        raise ValidationError("device_pk", f"device {device_pk} does not exist")
+    size = len(json.dumps([data["arg"], data["kwarg"]], separators=(",", ":")))
+    if size > wire.MAX_COMMAND_ARGUMENTS_BYTES:
+        raise ValidationError("arg", f"arg and kwarg take {size} bytes; at most {wire.MAX_COMMAND_ARGUMENTS_BYTES}")
+    now = utcnow()
+    # Stored as published already: the broker nearly always takes it, and one write less keeps
+    # the web process off the database lock while a worker stores the result. A failure undoes it.
+    command = Command(
+        device=device,
+        command=data["command"],
+        arg=data["arg"],
+        kwarg=data["kwarg"],
+        timeout=data["timeout"],
+        ttl=data["ttl"],
+        state="queued",
+        created_at=now,
+        expires_at=now + timedelta(seconds=data["ttl"]),
+        published_at=now,
+        attempts=1,
+        next_attempt_at=now + retry_interval(1),
+    )
+    db.session.add(command)
+    db.session.commit()
+    unit_id = device.unit_id
+    db.session.refresh(command)
+    # Detached, the response shows the command as it was created, whatever a worker stores meanwhile.
+    db.session.expunge(command)
+    if not _publish_now(command, unit_id):
+        _mark_unpublished(command)
+    return command
+
+
+def get_command(device_pk: str, command_id: str) -> Command:
+    command = db.session.get(Command, command_id)
+    if command is None or command.device_id != device_pk:
+        raise NotFound(f"command {command_id} of device {device_pk} does not exist")
+    return command
+
+
+def commands_query(device_pk: str):
+    """A device's commands, newest first."""
+    get_device(device_pk)
+    return db.select(Command).filter_by(device_id=device_pk).order_by(Command.created_at.desc(), Command.id.desc())
+
+
+# --- publishing ---------------------------------------------------------------------
+
+def retry_interval(attempts: int) -> timedelta:
+    """How long after its `attempts`-th publication an unfinished command is asked for again."""
+    return min(FIRST_RETRY * 2 ** min(max(attempts - 1, 0), 16), LAST_RETRY)
+
+
+def message_for(command: Command, unit_id: str, now: datetime, first: bool | None = None):
+    """(topic, payload, MQTT v5 properties) of the command's next publication, or None when its
+    TTL passed before the device had it."""
+    remaining = (command.expires_at - now).total_seconds()
+    if command.attempts == 0 if first is None else first:
+        expiry = remaining  # the first copy waits for a sleeping device as long as the TTL allows
+    else:
+        # A repeat lives only until the next one, so a sleeping device's queue holds one at most.
+        expiry = retry_interval(command.attempts + 1).total_seconds()
+        if command.state == "queued":
+            expiry = min(expiry, remaining)
+    if command.state == "queued" and remaining <= 0:
+        return None
+    payload = wire.encode(
+        wire.command_message,
+        {
+            "id": command.id,
+            "command": command.command,
+            "arg": command.arg,
+            "kwarg": command.kwarg,
+            "timeout": command.timeout,
+            "deadline": command.expires_at.timestamp(),
+        },
+    )
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = wire.device_topic(unit_id, "results")
+    properties.CorrelationData = command.id.encode()
+    properties.MessageExpiryInterval = max(1, math.ceil(expiry))
+    return wire.device_topic(unit_id, "commands"), payload, properties
+
+
+def _mark_published(command: Command, when: datetime):
+    # Only these columns, and only while unfinished: a worker may have stored the result meanwhile.
+    attempts = command.attempts + 1
+    db.session.execute(
+        db.update(Command)
+        .where(Command.id == command.id, Command.state.not_in(wire.FINAL_COMMAND_STATES))
+        .values(published_at=db.func.coalesce(Command.published_at, when), attempts=attempts,
+                next_attempt_at=when + retry_interval(attempts))
+    )
+    db.session.commit()
+
+
+def _publish_now(command: Command, unit_id: str) -> bool:
+    """Hand a just-committed command to the broker; False if it did not take it."""
+    from ..mqtt import publisher_for
+
+    try:
+        message = message_for(command, unit_id, utcnow(), first=True)
+        if message is None:
+            return False
+        topic, payload, properties = message
+        if publisher_for(current_app).publish(topic, payload, properties=properties):
+            log.info("command=%s device=%s published", command.id, command.device_id)
+            return True
+    except Exception:  # the command is stored; the request succeeded either way
+        log.exception("publishing command %s failed; the worker will retry", command.id)
+        db.session.rollback()
+    return False
+
+
+def _mark_unpublished(command: Command):
+    """The broker did not take it: leave it to the worker's sweep, at once."""
+    try:
+        db.session.execute(
+            db.update(Command).where(Command.id == command.id, Command.attempts == 1)
+            .values(published_at=None, attempts=0, next_attempt_at=utcnow())
+        )
+        db.session.commit()
+    except Exception:  # the sweep asks again after the first interval anyway
+        log.exception("could not mark command %s unpublished", command.id)
+        db.session.rollback()
+    command.published_at, command.attempts = None, 0
+
+
+def expire_overdue(now: datetime | None = None) -> int:
+    """Mark `expired` every command still queued after its TTL; returns how many."""
+    now = now or utcnow()
+    overdue = db.select(Command.id).where(Command.state == "queued", Command.expires_at <= now).limit(1)
+    if db.session.scalar(overdue) is None:
+        return 0  # the common case, read-only: no write lock taken every second per worker
+    result = db.session.execute(
+        db.update(Command)
+        .where(Command.state == "queued", Command.expires_at <= now)
+        .values(state="expired", error=EXPIRED_UNSENT, completed_at=now, next_attempt_at=None)
+    )
+    db.session.commit()
+    if result.rowcount:
+        log.info("expired %d undelivered command(s)", result.rowcount)
+    return result.rowcount
+
+
+def publish_pending(publish, limit: int = 500) -> int:
+    """Expire what is overdue, then (re)publish every unfinished command that is due, with
+    `publish(topic, payload, properties) -> bool`.
+
+    Returns how many were published; stops at the first the broker does not take.
+    """
+    now = utcnow()
+    expire_overdue(now)
+    rows = db.session.execute(
+        db.select(Command, Device.unit_id)
+        .join(Device, Device.id == Command.device_id)
+        .where(Command.state.not_in(wire.FINAL_COMMAND_STATES), Command.next_attempt_at <= now)
+        .order_by(Command.next_attempt_at)
+        .limit(limit)
+    ).all()
+    sent = 0
+    for command, unit_id in rows:
+        if now - command.created_at > GIVE_UP_AFTER:
+            # The device never answered in a day past any timeout: stop asking, keep what is known.
+            db.session.execute(db.update(Command).where(Command.id == command.id).values(next_attempt_at=None))
+            db.session.commit()
+            log.warning("command=%s device=%s gave up asking for its result", command.id, command.device_id)
+            continue
+        message = message_for(command, unit_id, utcnow())
+        if message is None:
+            continue  # expired in the meantime; the next sweep marks it
+        if not publish(*message):
+            break
+        if command.attempts:
+            log.info("command=%s state=%s asked for again (attempt %d)", command.id, command.state,
+                     command.attempts + 1)
+        _mark_published(command, utcnow())
+        sent += 1
+    db.session.rollback()
+    return sent
+
+
+# --- results ------------------------------------------------------------------------
+
+def _moment(epoch: float | None) -> datetime | None:
+    if epoch is None:
+        return None
+    try:
+        return datetime.fromtimestamp(epoch, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise Rejected(f"timestamp {epoch!r} is out of range") from None
+
+
+def record_result(device: Device, report: dict) -> Command:
+    """Store a device's report on one of its commands. The topic named the device, so a
+    report can only ever touch that device's commands."""
+    command_id = str(report["id"])
+    command = db.session.get(Command, command_id)
+    if command is None or command.device_id != device.id:
+        raise Rejected(f"command {command_id} is not a command of device {device.id}")
+    state = report["state"]
+    final = state in wire.FINAL_COMMAND_STATES
+    if command.state in wire.FINAL_COMMAND_STATES and command.device_reported_at is not None:
+        return command  # QoS 1 duplicates and late progress never change a finished command
+    if command.state in wire.FINAL_COMMAND_STATES:
+        # Only a server-side `expired` gets here: the device ran it after all, and it knows best.
+        log.warning("command=%s was marked %s, but the device reports %s", command.id, command.state, state)
+    elif wire.command_rank(state) < wire.command_rank(command.state):
+        return command  # progress that arrived after later news
+    now = utcnow()
+    command.state = state
+    command.device_reported_at = report["ts"]
+    command.delivered_at = command.delivered_at or now
+    command.started_at = _moment(report["started_at"]) or command.started_at
+    if final:
+        command.return_value = report["return_value"]
+        command.error = report["error"]
+        command.truncated = report["truncated"]
+        command.finished_at = _moment(report["finished_at"])
+        command.completed_at = now
+        command.next_attempt_at = None
+    return command
