@@ -9,7 +9,7 @@ from .schemas import DeviceDeploymentPage, ReleaseDeploymentPage
 blp = Blueprint("deployments", __name__, description="Deployment progress reported by the devices.")
 
 
-@blp.route("/docker/projects/<int:project_pk>/releases/<int:release_id>/deployments/")
+@blp.route("/docker/projects/<int(max=2147483647):project_pk>/releases/<int(max=2147483647):release_id>/deployments/")
 class ReleaseDeployments(MethodView):
     @blp.arguments(PaginationArgs, location="query")
     @blp.response(200, ReleaseDeploymentPage)

@@ -1,6 +1,8 @@
 """Device operations, callable without HTTP."""
 import logging
 
+from sqlalchemy.orm import selectinload
+
 from .. import broker_accounts, outbox
 from ..errors import Conflict, NotFound
 from ..extensions import db
@@ -42,7 +44,8 @@ def device_by_unit_id(unit_id: str) -> Device | None:
 
 
 def devices_query(unit_id=None, name=None, online=None):
-    statement = db.select(Device).order_by(Device.created_at, Device.id)
+    # docker_releases reads each device's deployments: load them for the whole page at once.
+    statement = db.select(Device).options(selectinload(Device.deployments)).order_by(Device.created_at, Device.id)
     if unit_id is not None:
         statement = statement.filter_by(unit_id=str(unit_id))
     if name is not None:

@@ -9,6 +9,8 @@ import json
 import logging
 import re
 
+from sqlalchemy.orm import selectinload
+
 from .. import outbox
 from ..errors import FleetError, NotFound
 from ..extensions import db
@@ -220,7 +222,13 @@ def release_by_hash(project_id: int, version_hash: str) -> Release:
 
 
 def releases_query(project_id: int, version=None, version_hash=None, device=None):
-    statement = db.select(Release).filter_by(project_id=project_id).order_by(Release.id)
+    # Each release shows its containers, devices and deployments: one query each for the whole page.
+    statement = (
+        db.select(Release)
+        .options(selectinload(Release.containers), selectinload(Release.devices), selectinload(Release.deployments))
+        .filter_by(project_id=project_id)
+        .order_by(Release.id)
+    )
     if version is not None:
         statement = statement.filter_by(version=version)
     if version_hash is not None:
