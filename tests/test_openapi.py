@@ -1,4 +1,5 @@
 """The OpenAPI document, the offline docs page, and a schemathesis run against the live server."""
+import collections
 import re
 
 import pytest
@@ -9,14 +10,19 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ensure_resource_availability,
     negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
+    use_after_free,
 )
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
 EXAMPLES_PER_OPERATION = 8
+# A bounded stateful run: scenarios × steps requests at most.
+STATEFUL_SCENARIOS = 12
+STATEFUL_STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +121,63 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(live):
         except Exception as exc:  # collect every operation's failure, then report them together
             failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+# negative_data_rejection stays with the stateless run: here the token the test adds to every call would
+# undo schemathesis' "no Authorization header" mutations and report them as accepted invalid data.
+STATEFUL_CHECKS = [check for check in CHECKS if check is not negative_data_rejection] + [
+    use_after_free, ensure_resource_availability]
+LINKED_SOURCES = {
+    "/docker/projects/", "/docker/registries/", "/dongle/devices/", "/docker/projects/{project_pk}/releases/",
+    "/dongle/devices/{device_pk}/execute/",
+}
+
+
+def test_every_created_resource_links_to_its_operations(spec):
+    for path in LINKED_SOURCES:
+        links = spec["paths"][path]["post"]["responses"]["201"]["links"]
+        for name, link in links.items():
+            pointer, method = link["operationRef"].removeprefix("#/paths/").rsplit("/", 1)
+            target_path = spec["paths"][pointer.replace("~1", "/").replace("~0", "~")]
+            parameters = target_path.get("parameters", []) + target_path[method].get("parameters", [])
+            declared = {p["name"] for p in parameters if p["in"] == "path"}
+            assert set(link["parameters"]) == declared, (path, name)
+    project_links = spec["paths"]["/docker/projects/"]["post"]["responses"]["201"]["links"]
+    assert project_links["postReleases"]["parameters"] == {"project_pk": "$response.body#/id"}
+
+
+@pytest.mark.slow
+def test_schemathesis_following_the_links_finds_no_server_error_and_no_schema_violation(live):
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json").exclude(method="DELETE", path_regex="^/auth/tokens/")
+    # Only the document's own links: schemathesis' guessed links would hide a link the document lacks.
+    schema.config.phases.stateful.inference.algorithms = []
+    headers = {"Authorization": f"APIToken {live.token}"}
+    answered = collections.Counter()
+    failures = []
+
+    class FollowTheLinks(schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"headers": headers}
+
+        def after_call(self, response, case):
+            super().after_call(response, case)
+            answered[(case.operation.method.upper(), case.operation.path, response.status_code // 100)] += 1
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            # Collected, not raised: a replay against a server whose state moved on (ids, unique names)
+            # would take other branches, and Hypothesis would report that instead of the failure.
+            try:
+                case.validate_response(response, checks=STATEFUL_CHECKS, headers=headers, transport_kwargs=kwargs,
+                                       recorder=self.recorder)
+            except Exception as exc:
+                failures.append(f"{case.operation.method.upper()} {case.operation.path}: {exc}")
+
+    FollowTheLinks.run(settings=settings(max_examples=STATEFUL_SCENARIOS, stateful_step_count=STATEFUL_STEPS,
+                                         deadline=None, database=None, phases=[Phase.generate],
+                                         suppress_health_check=list(HealthCheck)))
+    assert not failures, "\n\n".join(failures)
+    # Operations on a path with parameters are reachable only through links (no guessed ids, no
+    # inference): 2xx answers there prove the run followed the document's links for each resource.
+    followed = {path for method, path, kind in answered if kind == 2 and "{" in path}
+    for collection in ("/docker/projects/", "/docker/registries/", "/dongle/devices/"):
+        assert any(path.startswith(collection + "{") for path in followed), (collection, sorted(answered.items()))

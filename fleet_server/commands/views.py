@@ -2,6 +2,7 @@
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
+from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from ..schemas import PaginationArgs
 from . import service
@@ -25,6 +26,11 @@ class Commands(MethodView):
 
     @blp.arguments(CommandCreateSchema)
     @blp.response(201, CommandSchema)
+    @blp.doc(**created_links(
+        links_to("Command", "/dongle/devices/{device_pk}/execute/{command_id}/", "get",
+                 device_pk="$request.path.device_pk", command_id=CREATED_ID),
+        links_to("Commands", "/dongle/devices/{device_pk}/execute/", "get", device_pk="$request.path.device_pk"),
+    ))
     def post(self, data, device_pk):
         """Execute a command on the device; returns at once with the command `queued`"""
         return service.create_command(device_pk, data)

@@ -2,6 +2,7 @@
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
+from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from . import service
 from .schemas import DeviceListArgs, DevicePage, DevicePatchSchema, DeviceSchema, DeviceUpdateSchema
@@ -20,6 +21,11 @@ class Devices(MethodView):
 
     @blp.arguments(DeviceSchema, example={"name": "van-12", "tags": ["north"], "description": "Van 12"})
     @blp.response(201, DeviceSchema)
+    @blp.doc(**created_links(
+        links_to("Device", "/dongle/devices/{device_id}/", "get put patch delete", device_id=CREATED_ID),
+        links_to("Commands", "/dongle/devices/{device_pk}/execute/", "get post", device_pk=CREATED_ID),
+        links_to("DeviceDeployments", "/dongle/devices/{device_id}/deployments/", "get", device_id=CREATED_ID),
+    ))
     def post(self, data):
         """Register a device; the answer carries its id and unit_id"""
         return service.create_device(data)

@@ -2,6 +2,7 @@
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
+from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from ..schemas import ErrorSchema, PaginationArgs
 from . import service
@@ -20,6 +21,10 @@ class Projects(MethodView):
 
     @blp.arguments(ProjectSchema, example={"name": "deployment", "description": "Curveball and RavenDB"})
     @blp.response(201, ProjectSchema)
+    @blp.doc(**created_links(
+        links_to("Project", "/docker/projects/{project_id}/", "get put patch delete", project_id=CREATED_ID),
+        links_to("Releases", "/docker/projects/{project_pk}/releases/", "get post", project_pk=CREATED_ID),
+    ))
     def post(self, data):
         """Create a project"""
         return service.create_project(data)

@@ -2,6 +2,7 @@
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
+from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from ..schemas import ErrorSchema, PaginationArgs
 from . import service
@@ -25,6 +26,9 @@ class Registries(MethodView):
 
     @blp.arguments(RegistrySchema, example=EXAMPLE)
     @blp.response(201, RegistrySchema)
+    @blp.doc(**created_links(
+        links_to("Registry", "/docker/registries/{registry_id}/", "get put patch delete", registry_id=CREATED_ID),
+    ))
     def post(self, data):
         """Create a registry"""
         return service.create_registry(data)

@@ -2,6 +2,7 @@
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
+from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from ..projects.service import get_project
 from . import service
@@ -28,6 +29,14 @@ class Releases(MethodView):
 
     @blp.arguments(ReleaseSchema, example=SEED_EXAMPLE)
     @blp.response(201, ReleaseSchema)
+    @blp.doc(**created_links(
+        links_to("Release", "/docker/projects/{project_pk}/releases/{release_id}/", "get put patch delete",
+                 project_pk="$request.path.project_pk", release_id=CREATED_ID),
+        links_to("ReleaseByHash", "/docker/projects/{project_pk}/releases/hash/{version_hash}/", "get",
+                 project_pk="$request.path.project_pk", version_hash="$response.body#/version_hash"),
+        links_to("ReleaseDeployments", "/docker/projects/{project_pk}/releases/{release_id}/deployments/", "get",
+                 project_pk="$request.path.project_pk", release_id=CREATED_ID),
+    ))
     def post(self, data, project_pk):
         """Create a release; every targeted device receives it"""
         return service.create_release(get_project(project_pk), data)
