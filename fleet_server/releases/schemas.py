@@ -4,7 +4,7 @@ import shlex
 
 from marshmallow import ValidationError, fields, validate, validates
 
-from fleet_device.wire import WireError, parse_environment
+from fleet_device.wire import WireError, check_bind, parse_environment
 
 from ..pagination import page_schema
 from ..schemas import PaginationArgs, StrictSchema
@@ -60,19 +60,6 @@ SEED_EXAMPLE = {
 }
 
 
-def _check_bind(bind: str):
-    parts = bind.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise ValidationError(f"{bind!r} is not host:container[:ro|rw]")
-    for path in parts[:2]:
-        if not path.startswith("/") or "\x00" in path:
-            raise ValidationError(f"{bind!r}: {path!r} is not an absolute path")
-        if ".." in path.split("/"):
-            raise ValidationError(f"{bind!r}: {path!r} climbs out with '..'")
-        if "\x00" in path:
-            raise ValidationError(f"{bind!r}: the path contains a NUL byte")
-
-
 def _unique(what):
     def check(values):
         if len(set(values)) != len(values):
@@ -118,7 +105,7 @@ class StartupParametersSchema(StrictSchema):
         },
     )
     binds = fields.List(
-        fields.String(validate=_check_bind, metadata={"example": "/srv/data:/data:rw"}),
+        fields.String(validate=check_bind, metadata={"example": "/srv/data:/data:rw"}),
         load_default=list,
         validate=validate.Length(max=100),
     )
