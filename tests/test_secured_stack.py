@@ -10,9 +10,7 @@ import uuid
 import pytest
 
 from tests.support.infra import build_busybox_variant, free_port
-from tests.support.stack import (
-    Process, Stack, _answers, _command, _run, eventually, release_payload, remove_agent_containers, server_env,
-)
+from tests.support.stack import Process, _answers, _command, eventually, release_payload, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -20,21 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def secured_stack(secured_broker, docker_client, tmp_path):
     """Server and worker using their own broker account; device accounts made through dynsec."""
-    env = {**server_env(tmp_path, secured_broker.url), **secured_broker.server_env()}
-    _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
-    token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
-    port = free_port()
-    running = Stack(f"http://127.0.0.1:{port}", token, env, tmp_path, secured_broker.url)
-    running.processes.append(Process(_command("fleet-server") + ["serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                                     env, tmp_path / "server.log").start())
-    running.start_worker()
-    try:
-        eventually(lambda: _answers(running.url + "/health"), 30, message="the server's /health")
+    extra_env = secured_broker.server_env()
+    with running_stack(secured_broker.url, docker_client, tmp_path, extra_env=extra_env, web_workers=1) as running:
         yield running
-    finally:
-        for process in reversed(running.processes):
-            process.stop()
-        remove_agent_containers(docker_client, [a.unit_id for a in running.agents])
 
 
 def _register(stack, state_dir, hardware_id):

@@ -2,10 +2,7 @@
 import pytest
 import requests
 
-from tests.support.stack import (
-    Process, Stack, _answers, _command, _run, eventually, remove_agent_containers, server_env,
-)
-from tests.support.infra import free_port
+from tests.support.stack import eventually, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -67,22 +64,10 @@ def test_a_bad_reading_is_refused_by_the_local_api_naming_what_is_wrong(stack):
 @pytest.fixture
 def restartable_stack(restartable_broker, docker_client, tmp_path):
     """Server and worker (with a stable worker id) against a broker the test may restart."""
-    env = server_env(tmp_path, restartable_broker.url)
-    _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
-    token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
-    port = free_port()
-    running = Stack(f"http://127.0.0.1:{port}", token, env, tmp_path, restartable_broker.url)
-    running.processes.append(Process(
-        _command("fleet-server") + ["serve", "--bind", f"127.0.0.1:{port}", "--workers", "1"], env,
-        tmp_path / "server.log").start())
-    running.worker = running.start_worker("telemetry-restart")
-    try:
-        eventually(lambda: _answers(running.url + "/health"), 30, message="the server's /health")
+    with running_stack(restartable_broker.url, docker_client, tmp_path, worker_id="telemetry-restart",
+                       web_workers=1) as running:
         yield running
-    finally:
-        for process in reversed(running.processes):
-            process.stop()
-        remove_agent_containers(docker_client, [a.unit_id for a in running.agents])
+
 
 
 def eventually_with_logs(stack, predicate, timeout, message):

@@ -178,19 +178,20 @@ def remove_agent_containers(docker_client, unit_ids):
 
 
 @contextlib.contextmanager
-def running_stack(broker_url: str, docker_client, tmp: Path, database_url: str | None = None):
+def running_stack(broker_url: str, docker_client, tmp: Path, database_url: str | None = None, *,
+                  extra_env: dict | None = None, worker_id: str | None = None, web_workers: int = 2):
     """Server (gunicorn) and ingest worker as real processes on a fresh database (SQLite in `tmp` by default)."""
-    env = server_env(tmp, broker_url, database_url)
+    env = {**server_env(tmp, broker_url, database_url), **(extra_env or {})}
     _run(_command("fleet-server") + ["db", "upgrade", "heads"], env)
     token = _run(_command("fleet-server") + ["tokens", "create", "--name", "tests"], env).splitlines()[-1]
     port = free_port()
     running = Stack(f"http://127.0.0.1:{port}", token, env, tmp, broker_url)
     server = Process(
-        _command("fleet-server") + ["serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"], env,
+        _command("fleet-server") + ["serve", "--bind", f"127.0.0.1:{port}", "--workers", str(web_workers)], env,
         tmp / "server.log",
     ).start()
     running.processes.append(server)
-    running.start_worker()
+    running.worker = running.start_worker(worker_id)
     try:
         eventually(lambda: _answers(running.url + "/health"), 30, message="the server's /health")
         yield running
