@@ -350,7 +350,8 @@ class CommandRunner:
             supervisor.join(5)
 
     def _start_waiting_locked(self) -> list[CommandRun]:
-        """Start waiting commands while there is room; returns those started. Call with the lock held."""
+        """Mark waiting commands running while there is room; returns them for `_report_started`,
+        which starts their threads. Call with the lock held."""
         started = []
         while self._waiting and self._running < self.max_parallel:
             run = self._waiting.popleft()
@@ -364,15 +365,17 @@ class CommandRunner:
             run.started_at = time.time()
             run.started_monotonic = time.monotonic()
             self._running += 1
-            threading.Thread(target=self._run, args=(run,), name=f"command-{run.id[:8]}", daemon=True).start()
             started.append(run)
         return started
 
     def _report_started(self, runs: list[CommandRun]):
+        """Report `running` where `delivered` was reported, then start: a quick command's final
+        result must not overtake its `running` report."""
         for run in runs:
             if run.progress_reported:  # it was reported `delivered` while it waited
                 self._publish(self._result(run.id, "running", started_at=run.started_at), run.correlation,
                               durable=False)
+            threading.Thread(target=self._run, args=(run,), name=f"command-{run.id[:8]}", daemon=True).start()
 
     def _run(self, run: CommandRun):
         outcome = self._execute(run.name, run.arg, run.kwarg)
