@@ -14,9 +14,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import BIN, Broker, free_port, machine, print_figures, wait_for, workdir  # noqa: E402
-
-import requests  # noqa: E402
+from harness import BIN, Broker, answers, free_port, machine, print_figures, wait_for, workdir  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -31,13 +29,6 @@ def _rss_mb(pid):
 def _cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _answers(url):
-    try:
-        return requests.get(url, timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 def measure(pid, seconds):
@@ -67,7 +58,7 @@ def main(argv=None):
         )
         baseline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         try:
-            wait_for(lambda: _answers(f"http://127.0.0.1:{port}/"), 30, "the agent's local API")
+            wait_for(lambda: answers(f"http://127.0.0.1:{port}/"), 30, "the agent's local API")
             time.sleep(args.settle)
             rows = [
                 {"process": "fleet-device run (idle, connected)", **measure(agent.pid, args.seconds)},

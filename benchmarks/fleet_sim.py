@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Broker, Server, machine, print_figures, wait_for, workdir  # noqa: E402
+from harness import Broker, Server, machine, percentile, print_figures, wait_for, workdir  # noqa: E402
 
 import paho.mqtt.client as paho  # noqa: E402
 import requests  # noqa: E402
@@ -231,11 +231,6 @@ def _state_parent():
     return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
-def _percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 # --- fan-out -------------------------------------------------------------------------
 
 
@@ -330,7 +325,7 @@ def fanout(args):
                 rows.append({
                     "devices": size,
                     "release_acknowledged_by_all_s": round(max(stamps) - t0, 3),
-                    "release_acknowledged_by_half_s": round(_percentile(stamps, 0.5) - t0, 3),
+                    "release_acknowledged_by_half_s": round(percentile(stamps, 0.5) - t0, 3),
                     "post_release_response_s": round(t_response - t0, 3),
                     "queued_reports_stored_s": round(t_stored - t0, 3),
                     "baseline_broker_only_all_s": round(floor, 3),

@@ -42,6 +42,20 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise SystemExit(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
+def answers(url: str) -> bool:
+    """Whether something serves `url` without a server error."""
+    try:
+        return requests.get(url, timeout=2).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def percentile(values, fraction: float) -> float:
+    """Nearest-rank percentile (fraction 0.5 for the median, 0.99 for p99)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
 def machine() -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):

@@ -39,35 +39,13 @@ import requests
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_device import wire
+from harness import answers, free_port, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 from fleet_device.telemetry import Telemetry, TelemetryConfig
 
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
 DAY_US = 86_400 * 1_000_000
 START_US = 1_594_252_800 * 1_000_000  # 2020-07-09T00:00:00Z
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not within {timeout} s")
-
-
-def answers(url) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 @contextlib.contextmanager

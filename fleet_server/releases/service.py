@@ -141,24 +141,25 @@ def create_release(project: Project, data) -> Release:
     return release
 
 
+def _container_fields(container: ReleaseContainer) -> dict:
+    """What a container is made of, as both the stored form and the device's document spell it."""
+    return {
+        "name": container.name,
+        "image": container.image,
+        "tag": container.tag,
+        "required_tags": list(container.required_tags),
+        "startup_parameters": dict(container.startup_parameters),
+        "purge_data": container.purge_data,
+    }
+
+
 def _as_data(release: Release) -> dict:
     """A stored release in the form the schema loads, so a partial update can be merged and hashed."""
     return {
         "version": release.version,
         "device_ids": release.device_ids,
         "remove_containers": list(release.remove_containers),
-        "containers": [
-            {
-                "name": c.name,
-                "image": c.image,
-                "tag": c.tag,
-                "required_tags": list(c.required_tags),
-                "startup_parameters": dict(c.startup_parameters),
-                "purge_data": c.purge_data,
-                "registry_id": c.registry_id,
-            }
-            for c in release.containers
-        ],
+        "containers": [{**_container_fields(c), "registry_id": c.registry_id} for c in release.containers],
     }
 
 
@@ -259,16 +260,7 @@ def release_document(release: Release) -> dict:
         "version_hash": release.version_hash,
         "remove_containers": list(release.remove_containers),
         "containers": [
-            {
-                "name": c.name,
-                "image": c.image,
-                "tag": c.tag,
-                "required_tags": list(c.required_tags),
-                "startup_parameters": dict(c.startup_parameters),
-                "purge_data": c.purge_data,
-                "registry": c.registry_id,
-                "fully_qualified_name": c.fully_qualified_name,
-            }
+            {**_container_fields(c), "registry": c.registry_id, "fully_qualified_name": c.fully_qualified_name}
             for c in release.containers
         ],
     }
