@@ -17,10 +17,12 @@ Nothing leaves loopback; everything lives in a temporary directory removed at th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +31,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import requests
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from harness import answers, free_port, percentile, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 
@@ -62,6 +66,38 @@ class Processes:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+class Monitor:
+    """A bystander client on the command and result topics: when each message passed the broker."""
+
+    def __init__(self, port: int):
+        self.arrivals: dict[tuple[str, str], float] = {}
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-monitor",
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_socket_open = lambda client, userdata, sock: sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([("fleet/v1/devices/+/commands", 0), ("fleet/v1/devices/+/results", 0)])
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message):
+        now = time.time()
+        kind = message.topic.rsplit("/", 1)[-1]
+        body = json.loads(message.payload)
+        if kind == "commands" or body.get("state") in ("succeeded", "failed"):
+            self.arrivals.setdefault((kind, str(body["id"])), now)
+
+    def wait_for(self, command_id: str) -> tuple[float | None, float | None]:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and ("results", command_id) not in self.arrivals:
+            time.sleep(0.001)
+        return self.arrivals.get(("commands", command_id)), self.arrivals.get(("results", command_id))
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def run(args) -> int:
@@ -97,10 +133,13 @@ def run(args) -> int:
         wait_for(lambda: answers(base + "/health"), 60, "the server")
         wait_for(lambda: answers(f"http://127.0.0.1:{api_port}/"), 60, "the agent")
 
+        monitor = Monitor(broker_port)
         session = requests.Session()
         session.headers["Authorization"] = f"APIToken {token}"
         url = f"{base}/dongle/devices/{device_id}/execute/"
         server_side, client_side, to_agent, from_agent, failures = [], [], [], [], 0
+        hops = {name: [] for name in ("created → on the broker", "on the broker → agent starts",
+                                      "agent done → result on the broker", "result on the broker → stored")}
         deadline = time.monotonic() + args.budget
         for number in range(args.warmup + args.runs):
             if time.monotonic() > deadline:
@@ -125,6 +164,12 @@ def run(args) -> int:
                 datetime.fromisoformat(body[key]) for key in ("created_at", "started_at", "finished_at", "completed_at")
             )
             server_side.append((completed_at - created_at).total_seconds())
+            seen_command, seen_result = monitor.wait_for(created["id"])
+            if seen_command and seen_result:
+                hops["created → on the broker"].append(seen_command - created_at.timestamp())
+                hops["on the broker → agent starts"].append(started_at.timestamp() - seen_command)
+                hops["agent done → result on the broker"].append(seen_result - finished_at.timestamp())
+                hops["result on the broker → stored"].append(completed_at.timestamp() - seen_result)
             to_agent.append((started_at - created_at).total_seconds())
             from_agent.append((completed_at - finished_at).total_seconds())
             client_side.append(seen - sent)
@@ -133,6 +178,11 @@ def run(args) -> int:
         print(summary("  of which created → agent starts", to_agent))
         print(summary("  of which agent done → stored", from_agent))
         print(summary("POST → GET shows it (client)", client_side))
+        print("hop by hop (a watching client's arrival times, its own delivery included):")
+        for name, values in hops.items():
+            if values:
+                print(summary("  " + name, values))
+        monitor.close()
         print(f"failed: {failures}")
         return 0 if server_side and not failures else 1
     finally:

@@ -22,7 +22,7 @@ from ..devices.service import get_device
 from ..errors import NotFound, ValidationError
 from ..extensions import db
 from ..ingest import Rejected
-from ..models import Device, utcnow
+from ..models import Device, new_uuid, utcnow
 from .models import Command
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; 
 # --- creating and reading ------------------------------------------------------
 
 def create_command(device_pk: str, data: dict) -> Command:
-    device = db.session.get(Device, device_pk)
-    if device is None:
+    unit_id = db.session.scalar(db.select(Device.unit_id).where(Device.id == device_pk))
+    if unit_id is None:
         raise ValidationError("device_pk", f"device {device_pk} does not exist")
     size = len(json.dumps([data["arg"], data["kwarg"]], separators=(",", ":")))
     if size > wire.MAX_COMMAND_ARGUMENTS_BYTES:
@@ -46,26 +46,28 @@ def create_command(device_pk: str, data: dict) -> Command:
     now = utcnow()
     # Stored as published already: the broker nearly always takes it, and one write less keeps
     # the web process off the database lock while a worker stores the result. A failure undoes it.
-    command = Command(
-        device=device,
-        command=data["command"],
-        arg=data["arg"],
-        kwarg=data["kwarg"],
-        timeout=data["timeout"],
-        ttl=data["ttl"],
-        state="queued",
-        created_at=now,
-        expires_at=now + timedelta(seconds=data["ttl"]),
-        published_at=now,
-        attempts=1,
-        next_attempt_at=now + retry_interval(1),
-    )
-    db.session.add(command)
+    row = {
+        "id": new_uuid(),
+        "device_id": device_pk,
+        "command": data["command"],
+        "arg": data["arg"],
+        "kwarg": data["kwarg"],
+        "timeout": data["timeout"],
+        "ttl": data["ttl"],
+        "state": "queued",
+        "truncated": False,
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=data["ttl"]),
+        "published_at": now,
+        "attempts": 1,
+        "next_attempt_at": now + retry_interval(1),
+    }
+    # One INSERT rather than the ORM's unit of work, and no reload after the commit: the command
+    # is on its way to the device within a millisecond of the commit. The response shows the
+    # command as it was created, whatever a worker stores meanwhile.
+    db.session.execute(db.insert(Command), row)
     db.session.commit()
-    unit_id = device.unit_id
-    db.session.refresh(command)
-    # Detached, the response shows the command as it was created, whatever a worker stores meanwhile.
-    db.session.expunge(command)
+    command = Command(**row)
     if not _publish_now(command, unit_id):
         _mark_unpublished(command)
     return command
