@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -69,35 +71,51 @@ class Processes:
 
 
 class Monitor:
-    """A bystander client on the command and result topics: when each message passed the broker."""
+    """A bystander client on the command and result topics: when each message passed the broker.
+
+    It runs in a process of its own: in this one the polling loop would hold the interpreter
+    lock and delay its timestamps.
+    """
 
     def __init__(self, port: int):
         self.arrivals: dict[tuple[str, str], float] = {}
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-monitor",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_socket_open = lambda client, userdata, sock: sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe([("fleet/v1/devices/+/commands", 0), ("fleet/v1/devices/+/results", 0)])
-        self.client.loop_start()
+        self.events = multiprocessing.Queue()
+        self.ready = multiprocessing.Event()
+        self.process = multiprocessing.Process(target=_watch, args=(port, self.events, self.ready), daemon=True)
+        self.process.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("the monitoring client did not subscribe within 10 s")
 
-    def _on_message(self, client, userdata, message):
+    def wait_for(self, command_id: str) -> tuple[float | None, float | None]:
+        deadline = time.monotonic() + 1.0
+        while ("results", command_id) not in self.arrivals:
+            try:
+                kind, arrived_id, when = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.arrivals.setdefault((kind, arrived_id), when)
+        return self.arrivals.get(("commands", command_id)), self.arrivals.get(("results", command_id))
+
+    def close(self):
+        self.process.terminate()
+        self.process.join(5)
+
+
+def _watch(port: int, events, ready):
+    def on_message(client, userdata, message):
         now = time.time()
         kind = message.topic.rsplit("/", 1)[-1]
         body = json.loads(message.payload)
         if kind == "commands" or body.get("state") in ("succeeded", "failed"):
-            self.arrivals.setdefault((kind, str(body["id"])), now)
+            events.put((kind, str(body["id"]), now))
 
-    def wait_for(self, command_id: str) -> tuple[float | None, float | None]:
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and ("results", command_id) not in self.arrivals:
-            time.sleep(0.001)
-        return self.arrivals.get(("commands", command_id)), self.arrivals.get(("results", command_id))
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-monitor", protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_socket_open = lambda c, userdata, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe([("fleet/v1/devices/+/commands", 0), ("fleet/v1/devices/+/results", 0)])
+    client.loop_forever()
 
 
 def run(args) -> int:
