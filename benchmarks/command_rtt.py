@@ -4,9 +4,13 @@ Runs its own Mosquitto (set_tcp_nodelay) on a free loopback port, a fresh SQLite
 the REST server (gunicorn), one ingest worker and one device agent, all as real processes
 from this checkout, then posts `test.ping` `--runs` times one after another and prints:
 
-- server-side: the command's created_at → completed_at (the worker stored the result),
-  both stamped by the server's clock, so polling does not blur them, split at the agent's
-  started_at/finished_at (same machine, same clock);
+- server-side: the command's created_at → completed_at (the worker stored the result; it is
+  stamped in the storing transaction, just before its commit), both by the server's clock,
+  so polling does not blur them, split at the agent's started_at/finished_at;
+- POST sent (the client's clock) → completed_at: the same, plus HTTP, the token check and
+  the request's parsing (one machine, one clock);
+- hop by hop: when a bystander client (in a process of its own) saw the command and the
+  result pass the broker, its own delivery included;
 - client-side: POST sent → a GET first shows the final state (polled every `--poll` s).
 
 Bounded: at most `--runs` commands (default 200) and `--budget` seconds (default 120).
@@ -156,6 +160,7 @@ def run(args) -> int:
         session.headers["Authorization"] = f"APIToken {token}"
         url = f"{base}/dongle/devices/{device_id}/execute/"
         server_side, client_side, to_agent, from_agent, failures = [], [], [], [], 0
+        post_to_stored = []  # the client's clock when it sent the POST → the server's when it stored (one machine)
         hops = {name: [] for name in ("created → on the broker", "on the broker → agent starts",
                                       "agent done → result on the broker", "result on the broker → stored")}
         deadline = time.monotonic() + args.budget
@@ -163,7 +168,7 @@ def run(args) -> int:
             if time.monotonic() > deadline:
                 log.warning("time budget of %.0f s spent after %d commands", args.budget, number)
                 break
-            sent = time.perf_counter()
+            sent, sent_epoch = time.perf_counter(), time.time()
             created = session.post(url, json={"command": "test.ping"}, timeout=10).json()
             while True:
                 body = session.get(f"{url}{created['id']}/", timeout=10).json()
@@ -182,6 +187,7 @@ def run(args) -> int:
                 datetime.fromisoformat(body[key]) for key in ("created_at", "started_at", "finished_at", "completed_at")
             )
             server_side.append((completed_at - created_at).total_seconds())
+            post_to_stored.append(completed_at.timestamp() - sent_epoch)
             seen_command, seen_result = monitor.wait_for(created["id"])
             if seen_command and seen_result:
                 hops["created → on the broker"].append(seen_command - created_at.timestamp())
@@ -195,6 +201,7 @@ def run(args) -> int:
         print(summary("created → result stored (server)", server_side))
         print(summary("  of which created → agent starts", to_agent))
         print(summary("  of which agent done → stored", from_agent))
+        print(summary("POST sent → result stored", post_to_stored))
         print(summary("POST → GET shows it (client)", client_side))
         print("hop by hop (a watching client's arrival times, its own delivery included):")
         for name, values in hops.items():
