@@ -4,9 +4,13 @@ Runs its own Mosquitto (set_tcp_nodelay) on a free loopback port, a fresh SQLite
 the REST server (gunicorn), one ingest worker and one device agent, all as real processes
 from this checkout, then posts `test.ping` `--runs` times one after another and prints:
 
-- server-side: the command's created_at → completed_at (the worker stored the result),
-  both stamped by the server's clock, so polling does not blur them, split at the agent's
-  started_at/finished_at (same machine, same clock);
+- server-side: the command's created_at → completed_at (the worker stored the result; it is
+  stamped in the storing transaction, just before its commit), both by the server's clock,
+  so polling does not blur them, split at the agent's started_at/finished_at;
+- POST sent (the client's clock) → completed_at: the same, plus HTTP, the token check and
+  the request's parsing (one machine, one clock);
+- hop by hop: when a bystander client (in a process of its own) saw the command and the
+  result pass the broker, its own delivery included;
 - client-side: POST sent → a GET first shows the final state (polled every `--poll` s).
 
 Bounded: at most `--runs` commands (default 200) and `--budget` seconds (default 120).
@@ -17,10 +21,14 @@ Nothing leaves loopback; everything lives in a temporary directory removed at th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import multiprocessing
 import os
+import queue
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +37,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import requests
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from harness import answers, free_port, percentile, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 
@@ -62,6 +72,54 @@ class Processes:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+class Monitor:
+    """A bystander client on the command and result topics: when each message passed the broker.
+
+    It runs in a process of its own: in this one the polling loop would hold the interpreter
+    lock and delay its timestamps.
+    """
+
+    def __init__(self, port: int):
+        self.arrivals: dict[tuple[str, str], float] = {}
+        self.events = multiprocessing.Queue()
+        self.ready = multiprocessing.Event()
+        self.process = multiprocessing.Process(target=_watch, args=(port, self.events, self.ready), daemon=True)
+        self.process.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("the monitoring client did not subscribe within 10 s")
+
+    def wait_for(self, command_id: str) -> tuple[float | None, float | None]:
+        deadline = time.monotonic() + 1.0
+        while ("results", command_id) not in self.arrivals:
+            try:
+                kind, arrived_id, when = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.arrivals.setdefault((kind, arrived_id), when)
+        return self.arrivals.get(("commands", command_id)), self.arrivals.get(("results", command_id))
+
+    def close(self):
+        self.process.terminate()
+        self.process.join(5)
+
+
+def _watch(port: int, events, ready):
+    def on_message(client, userdata, message):
+        now = time.time()
+        kind = message.topic.rsplit("/", 1)[-1]
+        body = json.loads(message.payload)
+        if kind == "commands" or body.get("state") in ("succeeded", "failed"):
+            events.put((kind, str(body["id"]), now))
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-monitor", protocol=MQTTProtocolVersion.MQTTv5)
+    client.on_socket_open = lambda c, userdata, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe([("fleet/v1/devices/+/commands", 0), ("fleet/v1/devices/+/results", 0)])
+    client.loop_forever()
 
 
 def run(args) -> int:
@@ -97,16 +155,20 @@ def run(args) -> int:
         wait_for(lambda: answers(base + "/health"), 60, "the server")
         wait_for(lambda: answers(f"http://127.0.0.1:{api_port}/"), 60, "the agent")
 
+        monitor = Monitor(broker_port)
         session = requests.Session()
         session.headers["Authorization"] = f"APIToken {token}"
         url = f"{base}/dongle/devices/{device_id}/execute/"
         server_side, client_side, to_agent, from_agent, failures = [], [], [], [], 0
+        post_to_stored = []  # the client's clock when it sent the POST → the server's when it stored (one machine)
+        hops = {name: [] for name in ("created → on the broker", "on the broker → agent starts",
+                                      "agent done → result on the broker", "result on the broker → stored")}
         deadline = time.monotonic() + args.budget
         for number in range(args.warmup + args.runs):
             if time.monotonic() > deadline:
                 log.warning("time budget of %.0f s spent after %d commands", args.budget, number)
                 break
-            sent = time.perf_counter()
+            sent, sent_epoch = time.perf_counter(), time.time()
             created = session.post(url, json={"command": "test.ping"}, timeout=10).json()
             while True:
                 body = session.get(f"{url}{created['id']}/", timeout=10).json()
@@ -125,6 +187,13 @@ def run(args) -> int:
                 datetime.fromisoformat(body[key]) for key in ("created_at", "started_at", "finished_at", "completed_at")
             )
             server_side.append((completed_at - created_at).total_seconds())
+            post_to_stored.append(completed_at.timestamp() - sent_epoch)
+            seen_command, seen_result = monitor.wait_for(created["id"])
+            if seen_command and seen_result:
+                hops["created → on the broker"].append(seen_command - created_at.timestamp())
+                hops["on the broker → agent starts"].append(started_at.timestamp() - seen_command)
+                hops["agent done → result on the broker"].append(seen_result - finished_at.timestamp())
+                hops["result on the broker → stored"].append(completed_at.timestamp() - seen_result)
             to_agent.append((started_at - created_at).total_seconds())
             from_agent.append((completed_at - finished_at).total_seconds())
             client_side.append(seen - sent)
@@ -132,7 +201,13 @@ def run(args) -> int:
         print(summary("created → result stored (server)", server_side))
         print(summary("  of which created → agent starts", to_agent))
         print(summary("  of which agent done → stored", from_agent))
+        print(summary("POST sent → result stored", post_to_stored))
         print(summary("POST → GET shows it (client)", client_side))
+        print("hop by hop (a watching client's arrival times, its own delivery included):")
+        for name, values in hops.items():
+            if values:
+                print(summary("  " + name, values))
+        monitor.close()
         print(f"failed: {failures}")
         return 0 if server_side and not failures else 1
     finally:

@@ -38,6 +38,9 @@ class Command:
     signature: inspect.Signature
     hints: dict
     timeout: float  # seconds it may run when the caller sets no timeout
+    # Only reads: running it twice does no harm, so the journal need not reach the disk
+    # before it runs (see execution.CommandJournal).
+    read_only: bool = False
 
     @property
     def usage(self) -> str:
@@ -48,12 +51,12 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, timeout: float = DEFAULT_TIMEOUT):
+def command(name: str, timeout: float = DEFAULT_TIMEOUT, read_only: bool = False):
     def register(function):
         hints = typing.get_type_hints(function)
         hints.pop("return", None)
         COMMANDS[name] = Command(name, function, (function.__doc__ or "").strip(), inspect.signature(function), hints,
-                                 timeout)
+                                 timeout, read_only)
         return function
 
     return register
@@ -90,6 +93,12 @@ def execute(agent, name: str, arg: list, kwarg: dict):
 def timeout_of(name: str) -> float:
     entry = COMMANDS.get(name)
     return entry.timeout if entry else DEFAULT_TIMEOUT
+
+
+def is_read_only(name: str) -> bool:
+    """Whether running `name` twice is harmless (unknown names are not: they are treated with care)."""
+    entry = COMMANDS.get(name)
+    return entry is not None and entry.read_only
 
 
 # --- the argument schema, read from annotations ------------------------------------
@@ -131,7 +140,7 @@ def _shorten(text: str, limit: int = 60) -> str:
 
 # --- agent and deploys -----------------------------------------------------------------
 
-@command("test.ping")
+@command("test.ping", read_only=True)
 def test_ping(agent):
     """Answer True: the agent is alive."""
     return True
@@ -151,7 +160,7 @@ def state_sls(agent, sls: str, budget=None):
     return [outcome.as_dict() for outcome in agent.apply_queued(budget=budget)]
 
 
-@command("grains.items")
+@command("grains.items", read_only=True)
 def grains_items(agent):
     """Facts about the device: agent version, unit id, OS, engine version, releases it runs."""
     try:
@@ -178,7 +187,7 @@ def grains_items(agent):
     }
 
 
-@command("minionutil.last_logs")
+@command("minionutil.last_logs", read_only=True)
 def last_logs(agent, num: int = 100, level: str | None = None):
     """The agent's own most recent log lines, oldest first; `level` (e.g. warning) drops quieter ones."""
     if num < 1:
@@ -209,7 +218,7 @@ def _since(value):
         raise CommandError(f"docker.logs: since must be epoch seconds or ISO 8601, not {value!r}") from None
 
 
-@command("docker.logs")
+@command("docker.logs", read_only=True)
 def docker_logs(agent, name: str, tail: int | str = "all", since: int | float | str | None = None,
                 timestamps: bool = False):
     """A container's output (stdout and stderr); `tail` lines from the end, `since` epoch seconds or ISO 8601."""
@@ -220,7 +229,7 @@ def docker_logs(agent, name: str, tail: int | str = "all", since: int | float | 
     return logs.decode("utf-8", errors="replace")
 
 
-@command("docker.ps")
+@command("docker.ps", read_only=True)
 def docker_ps(agent, all: bool = False, label: str | list[str] | None = None):
     """Containers on the engine (running ones unless `all`), optionally only those with the label(s) KEY or KEY=VALUE."""
     labels = [label] if isinstance(label, str) else list(label or [])
@@ -239,7 +248,7 @@ def docker_ps(agent, all: bool = False, label: str | list[str] | None = None):
     ]
 
 
-@command("docker.inspect")
+@command("docker.inspect", read_only=True)
 def docker_inspect(agent, name: str):
     """Everything the engine knows about a container."""
     try:

@@ -8,6 +8,11 @@ The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON 
     {"acked": ID}        when the broker acknowledged the result (not fsynced: losing it only
                          means the result is sent once more, and the server ignores repeats).
 
+A read-only command (`read_only` in the command table: test.ping, docker.ps, ...) is written
+without the two fsyncs: running one twice does no harm, so a power loss may at worst make
+it run again when the server asks, or report it failed as interrupted. That keeps a ping's
+round trip free of disk flushes; everything that changes the device pays for them.
+
 Replaying it at start-up gives the ids already accepted (never run again), the results still
 to send (sent on every connect), the most recent results (a command delivered again gets its
 result again: the server asks when a result it was acknowledged got lost on the way), and the
@@ -134,17 +139,18 @@ class CommandJournal:
         with self._lock:
             return self._known(command_id)
 
-    def accept(self, command_id: str) -> bool:
-        """Record the id durably; False if it was accepted before (a duplicate delivery)."""
+    def accept(self, command_id: str, durable: bool = True) -> bool:
+        """Record the id (on disk before returning when `durable`); False if it was accepted
+        before (a duplicate delivery)."""
         with self._lock:
             if self._known(command_id):
                 return False
-            self._append({"accepted": command_id}, sync=True)
+            self._append({"accepted": command_id}, sync=durable)
             return True
 
-    def record_result(self, result: dict):
+    def record_result(self, result: dict, durable: bool = True):
         with self._lock:
-            self._append({"result": result}, sync=True)
+            self._append({"result": result}, sync=durable)
 
     def acknowledge(self, command_id: str):
         with self._lock:
@@ -204,6 +210,7 @@ class CommandRun:
     deadline: float  # epoch seconds, from the server
     expires_monotonic: float | None = None  # from the broker's remaining MessageExpiryInterval
     correlation: bytes | None = None
+    durable: bool = True  # journaled with fsyncs: false only for read-only commands
     accepted_monotonic: float = field(default_factory=time.monotonic)
     state: str = "delivered"
     started_at: float | None = None
@@ -276,14 +283,15 @@ class CommandRunner:
             deadline=command["deadline"],
             expires_monotonic=time.monotonic() + expiry if expiry is not None else None,
             correlation=getattr(properties, "CorrelationData", None),
+            durable=not commands.is_read_only(command["command"]),
         )
         try:
-            fresh = self.journal.accept(command_id)
+            fresh = self.journal.accept(command_id, run.durable)
         except OSError as exc:
             # Without the journal, running it could run it twice; say so rather than go quiet.
             log.error("command=%s cannot be journaled: %s", command_id, exc)
             self._publish(self._result(command_id, "failed", error=f"the agent cannot record the command: {exc}"),
-                          run.correlation, durable=False)
+                          run.correlation, kept=False)
             return
         if not fresh:
             self._answer_repeat(command_id, run.correlation)
@@ -308,10 +316,10 @@ class CommandRunner:
         result = None if run else self.journal.result(command_id)
         if run is not None:
             log.info("command=%s delivered again; it is %s", command_id, state)
-            self._publish(self._result(command_id, state, started_at=started_at), correlation, durable=False)
+            self._publish(self._result(command_id, state, started_at=started_at), correlation, kept=False)
         elif result is not None:
             log.info("command=%s delivered again; it ran already, its result is sent again", command_id)
-            self._publish(result, correlation, durable=False)
+            self._publish(result, correlation, kept=False)
         else:
             log.info("command=%s delivered again; it ran long ago and runs only once", command_id)
 
@@ -374,7 +382,7 @@ class CommandRunner:
         for run in runs:
             if run.progress_reported:  # it was reported `delivered` while it waited
                 self._publish(self._result(run.id, "running", started_at=run.started_at), run.correlation,
-                              durable=False)
+                              kept=False)
             threading.Thread(target=self._run, args=(run,), name=f"command-{run.id[:8]}", daemon=True).start()
 
     def _run(self, run: CommandRun):
@@ -455,7 +463,7 @@ class CommandRunner:
         for run in expired:
             self._finish(run, "expired", error="the command's TTL passed while it waited on the device; not run")
         for run, state in progress:
-            self._publish(self._result(run.id, state, started_at=run.started_at), run.correlation, durable=False)
+            self._publish(self._result(run.id, state, started_at=run.started_at), run.correlation, kept=False)
         self._report_started(started)
         return max(0.0, due - time.monotonic())
 
@@ -473,22 +481,24 @@ class CommandRunner:
     def _finish(self, run: CommandRun, state, value=None, error=None, truncated=False):
         result = self._result(run.id, state, value, error, truncated, run.started_at, time.time())
         log.info("command=%s name=%s state=%s", run.id, run.name, state)
-        # On disk before it is sent: a result the broker never acknowledged is sent again after a
-        # restart, rather than the command being reported as interrupted.
+        # In the journal before it is sent (on disk, unless the command only reads): a result the
+        # broker never acknowledged is sent again after a restart, rather than the command being
+        # reported as interrupted.
         try:
-            self.journal.record_result(result)
-            durable = True
+            self.journal.record_result(result, run.durable)
+            kept = True
         except OSError as exc:
             log.error("command=%s result cannot be journaled (%s); it is sent once, not kept", run.id, exc)
-            durable = False
-        self._publish(result, run.correlation, durable)
+            kept = False
+        self._publish(result, run.correlation, kept)
 
     def _track(self, command_id: str, info):
         with self._lock:
             self._in_flight[command_id] = info
         self._wakeup.set()
 
-    def _publish(self, result: dict, correlation: bytes | None, durable: bool):
+    def _publish(self, result: dict, correlation: bytes | None, kept: bool):
+        """Send a report; a final result `kept` in the journal is marked acknowledged once the broker has it."""
         properties = Properties(PacketTypes.PUBLISH)
         properties.CorrelationData = correlation or result["id"].encode()
         try:
@@ -501,7 +511,7 @@ class CommandRunner:
             except wire.WireError:
                 return None
         info = self.agent.client.publish(self.results_topic, payload, qos=1, properties=properties)
-        if durable and result["state"] in wire.FINAL_COMMAND_STATES:
+        if kept and result["state"] in wire.FINAL_COMMAND_STATES:
             self._track(result["id"], info)
         return info
 
@@ -520,7 +530,7 @@ class CommandRunner:
         for result in self.journal.pending_results():
             if result["id"] not in in_flight:
                 log.info("command=%s resending its %s result", result["id"], result["state"])
-                self._publish(result, None, durable=True)
+                self._publish(result, None, kept=True)
 
 
 def _acknowledged(info) -> bool:

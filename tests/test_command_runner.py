@@ -124,6 +124,35 @@ def test_the_journal_stays_bounded_but_keeps_what_is_still_needed(tmp_path):
     assert again.result("id-99")["state"] == "succeeded" and again.result("id-0") is None
 
 
+def test_only_commands_that_change_the_device_are_flushed_to_disk_before_they_run(tmp_path, monkeypatch):
+    import os
+
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(fd), real_fsync(fd)))
+    journal = CommandJournal(tmp_path)
+    journal.accept("ping", durable=False)
+    journal.record_result(_result("ping"), durable=False)
+    assert flushed == []
+    journal.accept("restart")
+    journal.record_result(_result("restart"))
+    assert len(flushed) == 2
+    journal.close()
+    # Written all the same: a repeat of either is answered from the journal after a restart.
+    again = CommandJournal(tmp_path)
+    assert again.seen("ping") and again.result("ping")["state"] == "succeeded"
+    assert [r["id"] for r in again.pending_results()] == ["ping", "restart"]
+
+
+def test_commands_that_change_the_device_are_never_marked_read_only():
+    changing = {"state.sls", "docker.restart", "docker.stop", "docker.start"}
+    assert not any(commands.is_read_only(name) for name in changing)
+    assert not commands.is_read_only("no.such.command")
+    assert {name for name, entry in commands.COMMANDS.items() if entry.read_only} == {
+        "test.ping", "grains.items", "minionutil.last_logs", "docker.logs", "docker.ps", "docker.inspect"
+    }
+
+
 # --- the runner ----------------------------------------------------------------------------
 
 class RecordingClient:

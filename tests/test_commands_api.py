@@ -111,6 +111,47 @@ def test_a_result_is_stored_with_its_return_value_and_timestamps(app, client, au
     assert body["started_at"] and body["finished_at"] and body["completed_at"] and body["delivered_at"]
 
 
+@pytest.mark.parametrize("value", [{"containers": [{"name": "web", "ports": [80, 443]}], "ok": None}, [1, "two"],
+                                   "text", 0, None])
+def test_a_structured_return_value_reads_back_exactly_as_the_device_sent_it(app, client, auth, device, value):
+    command = _execute(client, auth, device, command="docker.ps").get_json()
+    assert _result(app, device, command["id"], "running", started_at=time.time())
+    assert _result(app, device, command["id"], "succeeded", **{"return": value}, started_at=time.time(),
+                   finished_at=time.time())
+    body = client.get(f"/dongle/devices/{device['id']}/execute/{command['id']}/", headers=auth).get_json()
+    assert body["state"] == "succeeded" and body["return"] == value
+    assert body["started_at"] <= body["finished_at"] and body["delivered_at"] <= body["completed_at"]
+
+
+def test_a_result_stored_by_another_worker_between_the_read_and_the_write_is_not_overwritten(
+    app, client, auth, device
+):
+    """Two workers may hold reports on one command at once: the later write re-decides on what the
+    other one stored. The other worker's write is made for real, on its own connection, right after
+    this worker read the command."""
+    from sqlalchemy import event
+
+    command = _execute(client, auth, device, command="test.ping").get_json()
+    with app.app_context():
+        engine = db.engine
+
+        done = []
+
+        def other_worker_stores_the_result(connection, cursor, statement, parameters, context, executemany):
+            if not done and statement.lstrip().upper().startswith("SELECT") and "device_reported_at" in statement:
+                done.append(True)
+                with engine.begin() as other:
+                    other.execute(db.update(Command).where(Command.id == command["id"])
+                                  .values(state="succeeded", device_reported_at=time.time(), completed_at=utcnow()))
+
+        event.listen(engine, "after_cursor_execute", other_worker_stores_the_result)
+        try:
+            assert _result(app, device, command["id"], "running", started_at=time.time())
+        finally:
+            event.remove(engine, "after_cursor_execute", other_worker_stores_the_result)
+    assert done and _stored(app, command["id"]).state == "succeeded"
+
+
 def test_a_result_on_another_devices_topic_cannot_complete_the_command(app, client, auth, device, other_device):
     command = _execute(client, auth, device, command="test.ping").get_json()
     assert not _result(app, other_device, command["id"], "succeeded", **{"return": "forged"})

@@ -29,7 +29,15 @@ VALID = {
         "registries": []},
     "deployments": {"v": 1, "project_id": 1, "release_id": 1, "state": "succeeded", "ts": 1.0},
     "status": {"v": 1, "state": "online", "agent_version": "1", "ts": 1.0},
+    "commands": {"v": 1, "id": "6d1f0c4e-3b7a-4f7e-9a52-2f4cbbd0c0de", "command": "docker.stop", "arg": ["web"],
+                 "kwarg": {}, "timeout": None, "deadline": 4e9},
+    "results": {"v": 1, "id": "6d1f0c4e-3b7a-4f7e-9a52-2f4cbbd0c0de", "state": "succeeded", "return": True,
+                "error": None, "ts": 1.0},
+    "telemetry": {"v": 1, "batch_id": "0123456789abcdef0123456789abcdef", "dropped": 0,
+                  "readings": [{"field": "obd.bat.voltage", "type": "float", "ts": 1.0, "value": 12.6}]},
 }
+SCHEMAS = {"releases": wire.release_message, "deployments": wire.deployment_report, "status": wire.status_message,
+           "commands": wire.command_message, "results": wire.command_result, "telemetry": wire.telemetry_batch}
 ODD_VALUES = [None, True, -1, 2**63, 1e308, "", "x" * 5000, [], {}, [None], {"$gt": ""}, "../../etc/passwd",
               "\u0000", "\ud800", "<script>", -0.0, "NaN"]
 
@@ -56,7 +64,7 @@ def _mutate(document, rng, depth=0):
 
 def hostile_payloads(kind: str, count: int, rng: random.Random):
     """`count` payloads of every hostile sort, none of which the wire contract accepts."""
-    schema = {"releases": wire.release_message, "deployments": wire.deployment_report, "status": wire.status_message}[kind]
+    schema = SCHEMAS[kind]
     valid = VALID[kind]
     makers = [
         lambda: rng.randbytes(rng.randrange(1, 300)),  # binary (an empty payload clears a topic: not hostile)
@@ -115,8 +123,12 @@ def test_hostile_payloads_are_rejected_counted_and_logged_and_both_sides_keep_se
     project = stack.post("/docker/projects/", json={"name": "fuzz"}).json()
     rng = random.Random(SEED)
 
+    # The agent hears releases and commands; the worker every kind of report.
+    commands_share = AGENT_MESSAGES // 2
     messages = [(wire.release_topic(device["unit_id"], project["id"]), p)
-                for p in hostile_payloads("releases", AGENT_MESSAGES, rng)]
+                for p in hostile_payloads("releases", AGENT_MESSAGES - commands_share, rng)]
+    messages += [(wire.device_topic(device["unit_id"], "commands"), p)
+                 for p in hostile_payloads("commands", commands_share, rng)]
     report_kinds = [kind for kind in ingest.KINDS if kind in VALID]
     for index, kind in enumerate(report_kinds):
         share = WORKER_MESSAGES // len(report_kinds) + (index < WORKER_MESSAGES % len(report_kinds))
@@ -135,8 +147,15 @@ def test_hostile_payloads_are_rejected_counted_and_logged_and_both_sides_keep_se
     assert _agent_status(agent)["messages"]["rejected"] == AGENT_MESSAGES
     assert agent.process.log().count("rejected message topic=") == AGENT_MESSAGES
 
-    # Nothing was written from a rejected message.
+    # Nothing was written from a rejected message: no release queued, no command journaled or
+    # run, no report, reading or command result stored for the device the reports named.
     assert not (agent.state_dir / "projects" / str(project["id"])).exists()
+    journal = agent.state_dir / "commands" / "journal.log"
+    assert not journal.exists() or journal.read_bytes() == b""
+    readings = stack.get("/logbook/storage/read/", params={
+        "device_id": bystander["id"], "field": "obd.bat.voltage", "field_type": "float",
+        "from_utc": "1970-01-01T00:00:00Z", "to_utc": "2100-01-01T00:00:00Z"})
+    assert readings.status_code == 200 and readings.json() == []
     untouched = stack.get(f"/dongle/devices/{bystander['id']}/").json()
     assert (untouched["online"], untouched["last_seen_at"], untouched["agent_version"], untouched["docker_releases"]) == (
         False, None, None, [])

@@ -22,7 +22,7 @@ from ..devices.service import get_device
 from ..errors import NotFound, ValidationError
 from ..extensions import db
 from ..ingest import Rejected
-from ..models import Device, utcnow
+from ..models import Device, new_uuid, utcnow
 from .models import Command
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; 
 # --- creating and reading ------------------------------------------------------
 
 def create_command(device_pk: str, data: dict) -> Command:
-    device = db.session.get(Device, device_pk)
-    if device is None:
+    unit_id = db.session.scalar(db.select(Device.unit_id).where(Device.id == device_pk))
+    if unit_id is None:
         raise ValidationError("device_pk", f"device {device_pk} does not exist")
     size = len(json.dumps([data["arg"], data["kwarg"]], separators=(",", ":")))
     if size > wire.MAX_COMMAND_ARGUMENTS_BYTES:
@@ -46,26 +46,28 @@ def create_command(device_pk: str, data: dict) -> Command:
     now = utcnow()
     # Stored as published already: the broker nearly always takes it, and one write less keeps
     # the web process off the database lock while a worker stores the result. A failure undoes it.
-    command = Command(
-        device=device,
-        command=data["command"],
-        arg=data["arg"],
-        kwarg=data["kwarg"],
-        timeout=data["timeout"],
-        ttl=data["ttl"],
-        state="queued",
-        created_at=now,
-        expires_at=now + timedelta(seconds=data["ttl"]),
-        published_at=now,
-        attempts=1,
-        next_attempt_at=now + retry_interval(1),
-    )
-    db.session.add(command)
+    row = {
+        "id": new_uuid(),
+        "device_id": device_pk,
+        "command": data["command"],
+        "arg": data["arg"],
+        "kwarg": data["kwarg"],
+        "timeout": data["timeout"],
+        "ttl": data["ttl"],
+        "state": "queued",
+        "truncated": False,
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=data["ttl"]),
+        "published_at": now,
+        "attempts": 1,
+        "next_attempt_at": now + retry_interval(1),
+    }
+    # One INSERT rather than the ORM's unit of work, and no reload after the commit: the command
+    # is on its way to the device within a millisecond of the commit. The response shows the
+    # command as it was created, whatever a worker stores meanwhile.
+    db.session.execute(db.insert(Command), row)
     db.session.commit()
-    unit_id = device.unit_id
-    db.session.refresh(command)
-    # Detached, the response shows the command as it was created, whatever a worker stores meanwhile.
-    db.session.expunge(command)
+    command = Command(**row)
     if not _publish_now(command, unit_id):
         _mark_unpublished(command)
     return command
@@ -231,32 +233,74 @@ def _moment(epoch: float | None) -> datetime | None:
         raise Rejected(f"timestamp {epoch!r} is out of range") from None
 
 
-def record_result(device: Device, report: dict) -> Command:
+def record_result(device: Device, report: dict) -> None:
     """Store a device's report on one of its commands. The topic named the device, so a
-    report can only ever touch that device's commands."""
+    report can only ever touch that device's commands.
+
+    One read of the few columns that decide, then one UPDATE guarded by the state that was
+    read, with no ORM object loaded. When another worker stored a report on the same command
+    in between, the guard matches nothing and the decision is taken again on what it stored.
+    """
     command_id = str(report["id"])
-    command = db.session.get(Command, command_id)
-    if command is None or command.device_id != device.id:
+    for _attempt in range(5):
+        if _update_from_report(device, command_id, report):
+            return
+    raise Rejected(f"command {command_id} kept changing while its report was stored")
+
+
+# Built once: statement construction costs more than running them, and a worker stores a
+# report for every command a fleet runs.
+_COLUMNS = Command.__table__.c
+_READ_FOR_REPORT = db.select(
+    _COLUMNS.device_id, _COLUMNS.state, _COLUMNS.device_reported_at, _COLUMNS.delivered_at, _COLUMNS.started_at
+).where(_COLUMNS.id == db.bindparam("command_id"))
+_PROGRESS_FIELDS = ("state", "device_reported_at", "delivered_at", "started_at")
+_FINAL_FIELDS = (*_PROGRESS_FIELDS, "return_value", "error", "truncated", "finished_at", "completed_at",
+                 "next_attempt_at")
+
+
+def _report_update(fields):
+    return (
+        db.update(Command.__table__)
+        .where(_COLUMNS.id == db.bindparam("command_id"), _COLUMNS.state == db.bindparam("was"))
+        .values({name: db.bindparam(name) for name in fields})
+    )
+
+
+_STORE_PROGRESS, _STORE_FINAL = _report_update(_PROGRESS_FIELDS), _report_update(_FINAL_FIELDS)
+
+
+def _update_from_report(device: Device, command_id: str, report: dict) -> bool:
+    """False when the command's state changed between the read and the write."""
+    current = db.session.execute(_READ_FOR_REPORT, {"command_id": command_id}).first()
+    if current is None or current.device_id != device.id:
         raise Rejected(f"command {command_id} is not a command of device {device.id}")
     state = report["state"]
-    final = state in wire.FINAL_COMMAND_STATES
-    if command.state in wire.FINAL_COMMAND_STATES and command.device_reported_at is not None:
-        return command  # QoS 1 duplicates and late progress never change a finished command
-    if command.state in wire.FINAL_COMMAND_STATES:
+    if current.state in wire.FINAL_COMMAND_STATES and current.device_reported_at is not None:
+        return True  # QoS 1 duplicates and late progress never change a finished command
+    if current.state in wire.FINAL_COMMAND_STATES:
         # Only a server-side `expired` gets here: the device ran it after all, and it knows best.
-        log.warning("command=%s was marked %s, but the device reports %s", command.id, command.state, state)
-    elif wire.command_rank(state) < wire.command_rank(command.state):
-        return command  # progress that arrived after later news
+        log.warning("command=%s was marked %s, but the device reports %s", command_id, current.state, state)
+    elif wire.command_rank(state) < wire.command_rank(current.state):
+        return True  # progress that arrived after later news
     now = utcnow()
-    command.state = state
-    command.device_reported_at = report["ts"]
-    command.delivered_at = command.delivered_at or now
-    command.started_at = _moment(report["started_at"]) or command.started_at
-    if final:
-        command.return_value = report["return_value"]
-        command.error = report["error"]
-        command.truncated = report["truncated"]
-        command.finished_at = _moment(report["finished_at"])
-        command.completed_at = now
-        command.next_attempt_at = None
-    return command
+    values = {
+        "command_id": command_id,
+        "was": current.state,
+        "state": state,
+        "device_reported_at": report["ts"],
+        "delivered_at": current.delivered_at or now,
+        "started_at": _moment(report["started_at"]) or current.started_at,
+    }
+    statement = _STORE_PROGRESS
+    if state in wire.FINAL_COMMAND_STATES:
+        statement = _STORE_FINAL
+        values.update(
+            return_value=report["return_value"],
+            error=report["error"],
+            truncated=report["truncated"],
+            finished_at=_moment(report["finished_at"]),
+            completed_at=now,
+            next_attempt_at=None,
+        )
+    return db.session.execute(statement, values).rowcount == 1
