@@ -47,6 +47,7 @@ def device_by_unit_id(unit_id: str) -> Device | None:
 
 
 def devices_query(unit_id=None, name=None, online=None):
+    """The device list as ORM objects, for DevicePage: the reference device_page_answer is tested against."""
     # docker_releases reads each device's deployments: load them for the whole page at once.
     statement = db.select(Device).options(selectinload(Device.deployments)).order_by(Device.created_at, Device.id)
     if unit_id is not None:
