@@ -1,12 +1,22 @@
 """REST throughput and latency of authenticated list/retrieve against /health, on one server with 2 gunicorn workers.
 
-    python benchmarks/rest.py [--requests 2000] [--concurrency 4] [--devices 200]
+    python benchmarks/rest.py [--requests 1000] [--concurrency 4] [--devices 200] [--rounds 5]
+                              [--threads N] [--no-keepalive] [--list-limit 20 ...]
 
-Uses ApacheBench (`ab`, apache2-utils) as the client: in C, it leaves the 2 cores to
-the server. Each endpoint gets the same number of requests; /health, the cheapest
-route there is (one `SELECT 1`), is the baseline of the same run.
+One client for every endpoint: ApacheBench (`ab`, apache2-utils), in C, so it leaves most
+of the 2 cores it shares with the server to the server. Keep-alive connections for every
+endpoint (`ab -k`) unless --no-keepalive. The endpoints take turns, `--rounds` times, so
+that a burst of load from elsewhere on the machine hits all of them alike; each gets
+`--requests` requests in all, and its p50/p99 are over every one of its requests (from
+`ab -g`). /health, the cheapest route there is (one `SELECT 1`), is the baseline of the
+same run. Each row also gives the CPU time gunicorn's workers spent per request, a
+figure that load from elsewhere on the machine disturbs far less than the rates do.
+`--threads` is passed to `fleet-server serve` (gunicorn's gthread workers).
 """
 import argparse
+import contextlib
+import csv
+import os
 import re
 import subprocess
 import sys
@@ -14,37 +24,76 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Broker, Server, machine, print_figures, workdir  # noqa: E402
+from harness import Broker, Server, machine, percentile, print_figures, workdir  # noqa: E402
 
 import requests  # noqa: E402
 
 
-def ab(url, requests_count, concurrency, headers=()):
+class RestServer(Server):
+    """The benchmark's server, with extra options for `fleet-server serve`."""
+
+    def __init__(self, *args, serve_options=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serve_options = list(serve_options)
+
+    def spawn(self, name, *args):
+        return super().spawn(name, *args, *(self.serve_options if name == "api" else ()))
+
+    def web_cpu_seconds(self) -> float:
+        """CPU time used so far by gunicorn's workers (the children of the `serve` process, which is gunicorn)."""
+        master = self.processes[0].pid
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        ticks = 0
+        for pid in children:
+            with contextlib.suppress(OSError):
+                # Fields 14 and 15 (utime, stime), counted after the parenthesised command name.
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def ab(url, requests_count, concurrency, headers=(), keepalive=True, timings_file=None):
+    """Run ab once; returns its wall time, its failures and each request's total time (ms)."""
     command = ["ab", "-q", "-n", str(requests_count), "-c", str(concurrency), "-s", "30"]
+    if keepalive:
+        command.append("-k")
+    if timings_file is not None:
+        command += ["-g", str(timings_file)]
     for header in headers:
         command += ["-H", header]
     output = subprocess.run(command + [url], capture_output=True, text=True, timeout=300, check=True).stdout
     failed = int(re.search(r"Failed requests:\s+(\d+)", output)[1])
     non_2xx = re.search(r"Non-2xx responses:\s+(\d+)", output)
+    timings = []
+    if timings_file is not None:
+        with open(timings_file) as handle:
+            timings = [int(row["ttime"]) for row in csv.DictReader(handle, delimiter="\t")]
     return {
-        "requests_per_s": float(re.search(r"Requests per second:\s+([\d.]+)", output)[1]),
-        "p50_ms": int(re.search(r"\n\s+50%\s+(\d+)", output)[1]),
-        "p99_ms": int(re.search(r"\n\s+99%\s+(\d+)", output)[1]),
+        "seconds": float(re.search(r"Time taken for tests:\s+([\d.]+)", output)[1]),
         "failed": failed + (int(non_2xx[1]) if non_2xx else 0),
+        "timings_ms": timings,
     }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=1000, help="per endpoint, over all rounds")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="gunicorn threads per worker (serve's default)")
+    parser.add_argument("--no-keepalive", dest="keepalive", action="store_false")
+    parser.add_argument("--list-limit", type=int, action="append", default=[],
+                        help="also list pages of this size (the default page is 100)")
     args = parser.parse_args(argv)
     if args.requests > 20000:
         raise SystemExit("--requests: at most 20,000")
+    if not 1 <= args.rounds <= args.requests:
+        raise SystemExit("--rounds: between 1 and --requests")
+    serve_options = [] if args.threads is None else ["--threads", str(args.threads)]
     with workdir("fleet-rest-") as work:
         broker = Broker(work).start()
-        server = Server(work, broker.url, web_workers=2, ingest_workers=1).start()
+        server = RestServer(work, broker.url, web_workers=2, ingest_workers=1, serve_options=serve_options).start()
         try:
             headers = server.headers
             device_ids = []
@@ -53,22 +102,39 @@ def main(argv=None):
                 device_ids.append(requests.post(server.url + "/dongle/devices/", json=body, headers=headers,
                                                 timeout=30).json()["id"])
             auth = [f"Authorization: {headers['Authorization']}"]
-            ab(server.url + "/health", 200, args.concurrency)  # warm up both workers
             endpoints = {
                 "GET /health (baseline)": (server.url + "/health", ()),
-                "GET /dongle/devices/ (list, first page)": (server.url + "/dongle/devices/", auth),
+                "GET /dongle/devices/ (list, first page of 100)": (server.url + "/dongle/devices/", auth),
+                **{f"GET /dongle/devices/?limit={limit} (list, first page of {limit})":
+                   (f"{server.url}/dongle/devices/?limit={limit}", auth) for limit in args.list_limit},
                 "GET /dongle/devices/{id}/ (retrieve)": (f"{server.url}/dongle/devices/{device_ids[0]}/", auth),
             }
+            for url, header in endpoints.values():  # warm up both workers on every route
+                ab(url, 200, args.concurrency, header, args.keepalive)
+            runs = {name: [] for name in endpoints}
+            per_round = args.requests // args.rounds
+            for round_index in range(args.rounds):
+                for name, (url, header) in endpoints.items():
+                    cpu_before = server.web_cpu_seconds()
+                    runs[name].append(ab(url, per_round, args.concurrency, header, args.keepalive,
+                                         work / f"timings-{round_index}.tsv"))
+                    runs[name][-1]["server_cpu_s"] = server.web_cpu_seconds() - cpu_before
             rows = []
-            baseline = None
-            for name, (url, header) in endpoints.items():
-                figures = ab(url, args.requests, args.concurrency, header)
-                baseline = baseline or figures["requests_per_s"]
-                rows.append({"endpoint": name, **figures,
-                             "ratio_to_health": round(figures["requests_per_s"] / baseline, 2)})
-                print(rows[-1], file=sys.stderr)
-            print_figures(f"REST, 2 gunicorn workers, SQLite, {args.requests} requests at concurrency "
-                          f"{args.concurrency} ({machine()})", rows)
+            for name, endpoint_runs in runs.items():
+                timings = [ms for run in endpoint_runs for ms in run["timings_ms"]]
+                rate = len(timings) / sum(run["seconds"] for run in endpoint_runs)
+                rows.append({"endpoint": name, "requests_per_s": round(rate, 1),
+                             "p50_ms": percentile(timings, 0.5), "p99_ms": percentile(timings, 0.99),
+                             "server_cpu_ms_per_request": round(
+                                 1000 * sum(run["server_cpu_s"] for run in endpoint_runs) / len(timings), 2),
+                             "failed": sum(run["failed"] for run in endpoint_runs)})
+            baseline = rows[0]["requests_per_s"]
+            for row in rows:
+                row["ratio_to_health"] = round(row["requests_per_s"] / baseline, 2)
+            server_kind = f"{args.threads} threads per worker" if args.threads else "serve's default worker settings"
+            print_figures(f"REST, 2 gunicorn workers ({server_kind}), SQLite, {per_round * args.rounds} requests per "
+                          f"endpoint in {args.rounds} rounds at concurrency {args.concurrency}, "
+                          f"{'keep-alive' if args.keepalive else 'a connection per request'} ({machine()})", rows)
         finally:
             server.stop()
             broker.stop()

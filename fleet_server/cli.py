@@ -146,12 +146,14 @@ def worker(worker_id, heartbeat_file):
 @main.command()
 @click.option("--bind", default="127.0.0.1:8000", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=int)
-def serve(bind, workers):
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Threads per worker; above 1, gunicorn's gthread workers, which keep connections alive.")
+def serve(bind, workers, threads):
     """Serve the REST API with gunicorn."""
     os.execvp(
         sys.executable,
-        [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers), "--access-logfile", "-",
-         "fleet_server.app:create_app()"],
+        [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers), "--threads", str(threads),
+         "--access-logfile", "-", "fleet_server.app:create_app()"],
     )
 
 

@@ -59,6 +59,9 @@ class Project(db.Model):
 
 
 class Device(db.Model):
+    # The device list's order (r9_device_list_order): pages without sorting the table.
+    __table_args__ = (db.Index("ix_device_created_at_id", "created_at", "id"),)
+
     id: Mapped[str] = mapped_column(db.String(36), primary_key=True, default=new_uuid)
     unit_id: Mapped[str] = mapped_column(db.String(36), unique=True, default=new_uuid)
     name: Mapped[str] = mapped_column(db.String(200), default="")

@@ -28,13 +28,18 @@ def _link(offset, limit):
     return f"{request.base_url}?{urlencode(args)}"
 
 
-def paginate(statement, limit, offset):
-    """Run `statement` for one page; the caller's statement must be ordered stably (ending on a unique key)."""
-    total = db.session.scalar(db.select(db.func.count()).select_from(statement.order_by(None).subquery()))
-    items = list(db.session.scalars(statement.limit(limit).offset(offset)))
+def page_envelope(total, limit, offset, results):
+    """The `{count, next, previous, results}` answer for one page of `total` items."""
     return {
         "count": total,
         "next": _link(offset + limit, limit) if offset + limit < total else None,
         "previous": _link(max(offset - limit, 0), limit) if offset > 0 else None,
-        "results": items,
+        "results": results,
     }
+
+
+def paginate(statement, limit, offset):
+    """Run `statement` for one page; the caller's statement must be ordered stably (ending on a unique key)."""
+    total = db.session.scalar(db.select(db.func.count()).select_from(statement.order_by(None).subquery()))
+    items = list(db.session.scalars(statement.limit(limit).offset(offset)))
+    return page_envelope(total, limit, offset, items)

@@ -1,9 +1,9 @@
 """HTTP endpoints for /dongle/devices/."""
+from flask import jsonify
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
 from ..links import CREATED_ID, created_links, links_to
-from ..pagination import paginate
 from . import service
 from .schemas import DeviceListArgs, DevicePage, DevicePatchSchema, DeviceSchema, DeviceUpdateSchema
 
@@ -16,8 +16,8 @@ class Devices(MethodView):
     @blp.response(200, DevicePage)
     def get(self, args):
         """List devices, optionally filtered by unit_id, name or online"""
-        limit, offset = args.pop("limit"), args.pop("offset")
-        return paginate(service.devices_query(**args), limit, offset)
+        # A Response goes out as it is: the service built the answer DevicePage documents.
+        return jsonify(service.device_page_answer(**args))
 
     @blp.arguments(DeviceSchema, example={"name": "van-12", "tags": ["north"], "description": "Van 12"})
     @blp.response(201, DeviceSchema)
@@ -36,7 +36,7 @@ class DeviceItem(MethodView):
     @blp.response(200, DeviceSchema)
     def get(self, device_id):
         """Retrieve a device"""
-        return service.get_device(str(device_id))
+        return jsonify(service.device_answer(str(device_id)))
 
     @blp.arguments(DeviceUpdateSchema)
     @blp.response(200, DeviceSchema)

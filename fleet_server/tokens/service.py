@@ -4,6 +4,8 @@ import hmac
 import secrets
 from datetime import datetime
 
+from sqlalchemy import Row
+
 from ..extensions import db
 from ..models import ApiToken, utcnow
 
@@ -25,13 +27,25 @@ def create(name: str, expires_at: datetime | None = None, role: str = "admin") -
     return token, value
 
 
-def authenticate(value: str) -> ApiToken | None:
+# Read on every authenticated request: a Core statement on the table's columns, built once,
+# skips the ORM's entity loading (about three times the cost of the query itself).
+_api_token = ApiToken.__table__
+_TOKEN_BY_HASH = db.select(
+    _api_token.c.id, _api_token.c.role, _api_token.c.token_hash, _api_token.c.expires_at, _api_token.c.revoked_at
+).where(_api_token.c.token_hash == db.bindparam("token_hash"))
+
+
+def authenticate(value: str) -> Row | None:
+    """The token's row (`id`, `role`, ...) if `value` is a valid token, else None.
+
+    Read from the database on every call, never cached: a revocation or an expiry takes
+    effect on the very next request, in every server process.
+    """
     digest = _digest(value)
-    token = db.session.scalar(db.select(ApiToken).filter_by(token_hash=digest))
+    token = db.session.connection().execute(_TOKEN_BY_HASH, {"token_hash": digest}).first()
     if token is None or not hmac.compare_digest(token.token_hash, digest):
         return None
-    now = utcnow()
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
+    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= utcnow()):
         return None
     return token
 

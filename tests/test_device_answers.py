@@ -1,0 +1,131 @@
+"""The device list and retrieve answers, built without marshmallow, are byte for byte what DeviceSchema dumps.
+
+DeviceSchema (and DevicePage) stay the documented contract; the hot read paths build their
+answer from Core rows instead (fleet_server/devices/service.py). Each test runs on SQLite
+and on PostgreSQL, with devices that exercise every field: timestamps with and without
+microseconds, none, non-ASCII text, empty and several tags, and deployments in every state.
+"""
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
+
+import pytest
+
+from fleet_server.devices.schemas import DeviceListArgs, DevicePage, DeviceSchema
+from fleet_server.devices.service import devices_query
+from fleet_server.extensions import db
+from fleet_server.models import ApiToken, Deployment, Device, Project, Release
+from fleet_server.pagination import paginate
+from fleet_server.tokens import service as tokens
+from tests.support.stack import close_app, make_app
+
+EPOCH = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def fleet(app):
+    """Five devices unlike each other, and releases deployed to them in every state; returns their ids."""
+    with app.app_context():
+        project = Project(name="demo")
+        releases = [Release(project=project, version=f"1.{n}", version_hash=f"{n:08x}") for n in range(4)]
+        devices = [
+            Device(name="plain", created_at=EPOCH),
+            Device(name="café ☕ \"quoted\" \\ <b>", description="line\nbreak\ttab", tags=["north", "ünï", "x" * 100],
+                   created_at=EPOCH + timedelta(microseconds=1), last_seen_at=EPOCH + timedelta(days=1),
+                   online=True, agent_version="1.2.3"),
+            Device(name="same-time", created_at=EPOCH + timedelta(microseconds=1), online=False,
+                   last_seen_at=EPOCH + timedelta(seconds=5, microseconds=999999), agent_version=""),
+            Device(name="runs-three", tags=[], created_at=EPOCH + timedelta(hours=2)),
+            Device(name="plain", created_at=EPOCH + timedelta(hours=3), online=True),
+        ]
+        db.session.add_all([project, *releases, *devices])
+        db.session.flush()
+        states = {"runs-three": ["succeeded", "succeeded", "failed", "succeeded"], "plain": ["queued", "succeeded"]}
+        for device in devices:
+            for release, state in zip(reversed(releases), states.get(device.name, [])):
+                db.session.add(Deployment(release_id=release.id, device_id=device.id, state=state))
+        db.session.commit()
+        return [device.id for device in devices]
+
+
+def _schema_answer(app, path, build):
+    """The JSON the marshmallow schema path gives for `path`, built the way flask-smorest does."""
+    parts = urlsplit(path)
+    with app.test_request_context(parts.path, query_string=parts.query):
+        return app.json.response(build()).get_data()
+
+
+def test_a_retrieved_device_is_byte_for_byte_what_device_schema_dumps(app, client, auth, fleet):
+    for device_id in fleet:
+        answer = client.get(f"/dongle/devices/{device_id}/", headers=auth)
+        assert answer.status_code == 200
+        expected = _schema_answer(app, "/", lambda: DeviceSchema().dump(db.session.get(Device, device_id)))
+        assert answer.get_data() == expected
+
+
+def test_a_device_running_releases_lists_only_the_succeeded_ones_in_order(client, auth, fleet):
+    runs_three = client.get(f"/dongle/devices/{fleet[3]}/", headers=auth).get_json()
+    assert len(runs_three["docker_releases"]) == 3 and runs_three["docker_releases"] == sorted(
+        runs_three["docker_releases"])
+    assert client.get(f"/dongle/devices/{fleet[2]}/", headers=auth).get_json()["docker_releases"] == []
+
+
+@pytest.mark.parametrize("query", [
+    "", "?limit=2", "?limit=2&offset=2", "?limit=2&offset=4", "?offset=5", "?offset=50", "?limit=1000",
+    "?name=plain", "?name=plain&limit=1&offset=1", "?name=nobody", "?online=true", "?online=false&limit=2",
+])
+def test_a_device_page_is_byte_for_byte_what_device_page_dumps(app, client, auth, fleet, query):
+    path = f"/dongle/devices/{query}"
+    answer = client.get(path, headers=auth)
+    assert answer.status_code == 200
+
+    def schema_page():
+        from flask import request
+
+        args = DeviceListArgs().load(request.args)
+        limit, offset = args.pop("limit"), args.pop("offset")
+        return DevicePage().dump(paginate(devices_query(**args), limit, offset))
+
+    assert answer.get_data() == _schema_answer(app, path, schema_page)
+    assert answer.get_json()["results"] or query in ("?offset=5", "?offset=50", "?name=nobody")
+
+
+def test_a_device_page_filtered_by_unit_id_is_what_device_page_dumps(app, client, auth, fleet):
+    with app.app_context():
+        unit_id = db.session.get(Device, fleet[1]).unit_id
+    path = f"/dongle/devices/?unit_id={unit_id}"
+    answer = client.get(path, headers=auth)
+    expected = _schema_answer(app, path, lambda: DevicePage().dump(paginate(devices_query(unit_id=unit_id), 100, 0)))
+    assert answer.get_data() == expected and answer.get_json()["count"] == 1
+
+
+def test_retrieving_a_device_that_does_not_exist_is_a_404_naming_it(client, auth):
+    answer = client.get("/dongle/devices/734c361a-ba56-472a-a891-ee2af1a80570/", headers=auth)
+    assert answer.status_code == 404 and "734c361a-ba56-472a-a891-ee2af1a80570" in answer.get_json()["message"]
+
+
+def test_a_token_revoked_through_another_server_process_is_refused_on_the_next_request(app, client, tmp_path):
+    # A second app has its own engine and connection pool, as another gunicorn worker would.
+    other_process = make_app(app.config["SQLALCHEMY_DATABASE_URI"], tmp_path / "other")
+    try:
+        with other_process.app_context():
+            token, value = tokens.create("ci", role="viewer")
+            token_id = token.id
+        headers = {"Authorization": f"APIToken {value}"}
+        assert client.get("/dongle/devices/", headers=headers).status_code == 200
+        with other_process.app_context():
+            tokens.revoke(token_id)
+        assert client.get("/dongle/devices/", headers=headers).status_code == 401
+    finally:
+        close_app(other_process)
+
+
+def test_a_token_that_expires_between_two_requests_is_refused_on_the_second(app, client):
+    with app.app_context():
+        token, value = tokens.create("short", expires_at=datetime.now(timezone.utc) + timedelta(hours=1))
+        token_id = token.id
+    headers = {"Authorization": f"APIToken {value}"}
+    assert client.get("/dongle/devices/", headers=headers).status_code == 200
+    with app.app_context():
+        db.session.get(ApiToken, token_id).expires_at = datetime.now(timezone.utc) - timedelta(seconds=1)
+        db.session.commit()
+    assert client.get("/dongle/devices/", headers=headers).status_code == 401
