@@ -31,7 +31,6 @@ def create_app(config=None) -> Flask:
         OPENAPI_SWAGGER_UI_PATH="docs",
         OPENAPI_SWAGGER_UI_URL="/docs/assets/",
         OPENAPI_SWAGGER_UI_CONFIG={"persistAuthorization": True},
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": True},
         MIGRATIONS_DIR=str(Path(__file__).parent / "migrations"),
         JSON_SORT_KEYS=False,
         API_SPEC_OPTIONS={
@@ -50,6 +49,10 @@ def create_app(config=None) -> Flask:
     app.config.update(fleet_config.from_environment())
     app.config.update(config or {})
     fleet_config.validate(app.config)
+    if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        # A database server may drop idle connections (restart, failover): test each one as it
+        # is taken from the pool. A SQLite file cannot, and the test would cost every request.
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": True, **app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {})}
 
     extensions.init_app(app)
     _configure_sqlite(app)
