@@ -41,6 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from harness import answers, free_port, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 from fleet_device.telemetry import Telemetry, TelemetryConfig
+from fleet_server.logbook import service
 
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
@@ -185,19 +186,21 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
 
     def rows(device_id):
         for n in range(per_device):
-            yield (device_id, "obd.bat.voltage", "double", START_US + n * 10_000_000, 12.0 + (n % 100) / 100)
+            value = 12.0 + (n % 100) / 100
+            # value_json as the ingest path writes it (fleet_server.logbook.service).
+            yield device_id, "obd.bat.voltage", "double", START_US + n * 10_000_000, value, repr(value)
 
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
         for device_id in ids:
             if database == "postgresql":
-                with cursor.copy("COPY telemetry_reading (device_id, field, field_type, ts_us, value) FROM STDIN") as copy:
+                with cursor.copy("COPY telemetry_reading (device_id, field, field_type, ts_us, value, value_json) FROM STDIN") as copy:
                     for row in rows(device_id):
                         copy.write_row(row)
             else:
-                cursor.executemany("INSERT INTO telemetry_reading (device_id, field, field_type, ts_us, value) "
-                                   "VALUES (?, ?, ?, ?, ?)", rows(device_id))
+                cursor.executemany("INSERT INTO telemetry_reading (device_id, field, field_type, ts_us, value, "
+                                   "value_json) VALUES (?, ?, ?, ?, ?, ?)", rows(device_id))
         raw.commit()
         if database == "postgresql":
             cursor.execute("ANALYZE telemetry_reading")
@@ -207,6 +210,17 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
     finally:
         raw.close()
     return ids[devices // 2]
+
+
+def raw_read_plan(engine, database: str, device_id: str) -> list[str]:
+    """The database's plan for the raw 24 h read, as the logbook service runs it."""
+    params = {"device_id": device_id, "field": "obd.bat.voltage", "field_type": "double",
+              "start": START_US + DAY_US, "end": START_US + 2 * DAY_US, "limit": service.MAX_RAW_READINGS + 1,
+              "entry": service._RAW_ENTRY[database].format(key="value"), "ts_format": service._PG_TS_FORMAT}
+    explain = "EXPLAIN QUERY PLAN " if database == "sqlite" else "EXPLAIN "
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(explain + service._RAW_JSON[database]), params).all()
+    return [str(row[-1]) for row in rows]
 
 
 def measure_reads(tmp: Path, env: dict, device_id: str, token: str, repeats: int) -> dict:
@@ -259,6 +273,8 @@ def run(database: str, args) -> None:
                 total = connection.execute(sa.text("SELECT count(*) FROM telemetry_reading")).scalar()
             print(f"[{database}] loaded {args.stored:,} rows in {time.perf_counter() - began:.1f} s "
                   f"({total:,} rows stored in all)", flush=True)
+            for line in raw_read_plan(engine, database, device_id):
+                print(f"[{database}] raw read plan: {line}", flush=True)
             for name, figures in measure_reads(tmp, env, device_id, token, args.repeats).items():
                 print(f"[{database}] read {name}: {figures['entries']} entries, median {figures['median_ms']:.1f} ms, "
                       f"p95 {figures['p95_ms']:.1f} ms over {args.repeats} requests", flush=True)

@@ -27,6 +27,10 @@ class TelemetryReading(db.Model):
     value: Mapped[float | None] = mapped_column(db.Float)
     lat: Mapped[float | None] = mapped_column(db.Float)
     lon: Mapped[float | None] = mapped_column(db.Float)
+    # The value as a raw read returns it (`12.5`, `{"lat":57.04699,"lon":9.93909}`), written by
+    # Python at ingest: the database builds the read's JSON from it, and SQLite cannot print a
+    # double exactly (it prints 15 digits, or 17 that are not always correctly rounded).
+    value_json: Mapped[str | None] = mapped_column(db.Text)
 
 
 class TelemetryBatch(db.Model):

@@ -1,8 +1,9 @@
 """Storing telemetry batches and reading series back, raw or aggregated in the database."""
+import json
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert
+from sqlalchemy import func, insert, text
 
 from fleet_device.wire import GEO_POINT, INTEGER_TYPES
 
@@ -32,18 +33,40 @@ def record_telemetry(device: Device, batch: dict) -> bool:
                                   dropped=batch["dropped"]))
     if batch["dropped"]:
         log.warning("device=%s reports %d telemetry readings dropped by its full buffer", device.id, batch["dropped"])
-    rows = []
-    for reading in readings:
-        row = {"device_id": device.id, "field": reading["field"], "field_type": reading["type"],
-               "ts_us": round(reading["ts"] * 1_000_000), "value": None, "lat": None, "lon": None}
-        if reading["type"] == GEO_POINT:
-            row["lat"], row["lon"] = reading["value"]["lat"], reading["value"]["lon"]
-        else:
-            row["value"] = reading["value"]
-        rows.append(row)
-    # One executemany: SQLAlchemy batches the rows into multi-row INSERTs.
-    db.session.execute(insert(TelemetryReading), rows)
+    rows = [_reading_row(device.id, reading) for reading in readings]
+    connection = db.session.connection()
+    if connection.dialect.name == "postgresql":
+        _copy_rows(connection, rows)
+    else:
+        # One executemany: SQLAlchemy batches the rows into multi-row INSERTs.
+        connection.execute(insert(TelemetryReading), [dict(zip(_READING_COLUMNS, row)) for row in rows])
     return True
+
+
+_READING_COLUMNS = ("device_id", "field", "field_type", "ts_us", "value", "lat", "lon", "value_json")
+_COPY_READINGS = f"COPY telemetry_reading ({', '.join(_READING_COLUMNS)}) FROM STDIN"
+
+
+def _reading_row(device_id: str, reading: dict) -> tuple:
+    """A reading as a row of _READING_COLUMNS. Values go in as floats: the column is a double, and
+    SQLite's driver refuses a Python int beyond 64 bits."""
+    ts_us = round(reading["ts"] * 1_000_000)
+    if reading["type"] == GEO_POINT:
+        lat, lon = float(reading["value"]["lat"]), float(reading["value"]["lon"])
+        return (device_id, reading["field"], GEO_POINT, ts_us, None, lat, lon, f'{{"lat":{lat!r},"lon":{lon!r}}}')
+    value = float(reading["value"])
+    return device_id, reading["field"], reading["type"], ts_us, value, None, None, repr(value)
+
+
+def _copy_rows(connection, rows: list[tuple]):
+    """COPY the rows on the session's own connection, so they commit (or roll back) with its transaction.
+
+    A multi-row INSERT makes PostgreSQL parse and plan thousands of parameters per batch; COPY
+    streams the rows, which is what lets one worker keep up with thousands of readings a second.
+    """
+    with connection.connection.driver_connection.cursor() as cursor, cursor.copy(_COPY_READINGS) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _epoch_us(moment: datetime) -> int:
@@ -55,10 +78,10 @@ _day_prefixes: dict[int, str] = {}
 
 
 def _iso(ts_us: int, timespec: str) -> str:
-    """`2020-07-09T10:11:53.811839Z` (or `.811Z` for milliseconds) from epoch microseconds.
+    """`2020-07-09T10:11:53.811Z` (milliseconds) or `.811839Z` (microseconds) from epoch microseconds.
 
-    Arithmetic on a cached date prefix: a day of raw readings is thousands of timestamps and
-    building a datetime for each costs more than the query that fetched them.
+    Arithmetic on a cached date prefix: building a datetime for each of up to 10,000 buckets
+    costs more than the query that fetched them.
     """
     day, rest = divmod(ts_us, _DAY_US)
     prefix = _day_prefixes.get(day)
@@ -72,39 +95,72 @@ def _iso(ts_us: int, timespec: str) -> str:
     return f"{prefix}{hours:02d}:{minutes:02d}:{seconds:02d}.{micros:06d}Z"
 
 
-def read_series(args: dict) -> list[dict]:
-    """The readings of one field of one device in [from_utc, to_utc), as the seed's logbook returns them."""
+def read_series_json(args: dict) -> str:
+    """The readings of one field of one device in [from_utc, to_utc) as the JSON text the seed's logbook returns."""
     if db.session.get(Device, args["device_id"]) is None:
         raise ValidationError("device_id", f"no device has id {args['device_id']!r}")
-    # The table's columns rather than the mapped class: Core rows cost a fraction of ORM loading
-    # and a day of one device is thousands of them.
-    reading = TelemetryReading.__table__.c
     start, end = _epoch_us(args["from_utc"]), _epoch_us(args["to_utc"])
-    series = (
-        reading.device_id == args["device_id"],
-        reading.field == args["field"],
-        reading.field_type == args["field_type"],
-        reading.ts_us >= start,
-        reading.ts_us < end,
-    )
     if args["aggregation"]:
-        return _aggregated(series, start, args)
-    if args["field_type"] == GEO_POINT:
-        rows = _raw(db.select(reading.ts_us, reading.lat, reading.lon), series)
-        return [{"ts": _iso(ts, "microseconds"), "location": {"lat": lat, "lon": lon}} for ts, lat, lon in rows]
-    rows = _raw(db.select(reading.ts_us, reading.value), series)
-    return [{"ts": _iso(ts, "microseconds"), "value": value} for ts, value in rows]
+        reading = TelemetryReading.__table__.c
+        series = (
+            reading.device_id == args["device_id"],
+            reading.field == args["field"],
+            reading.field_type == args["field_type"],
+            reading.ts_us >= start,
+            reading.ts_us < end,
+        )
+        return json.dumps(_aggregated(series, start, args), separators=(",", ":"))
+    return _raw_json(args, start, end)
 
 
-def _raw(select, series):
-    rows = db.session.connection().execute(
-        select.where(*series).order_by(TelemetryReading.__table__.c.ts_us).limit(MAX_RAW_READINGS + 1)
-    ).all()
-    if len(rows) > MAX_RAW_READINGS:
+# A raw read is thousands of entries: the database writes each one and joins them, so that
+# Python only passes one string on. Each entry is `{"ts":"<ISO 8601 UTC, microseconds>",
+# "value":<value_json>}` (`"location"` for geo_point); timestamps are cut from the integer
+# ts_us, exact on both databases.
+_RAW_SERIES = """
+    FROM telemetry_reading
+    WHERE device_id = :device_id AND field = :field AND field_type = :field_type
+      AND ts_us >= :start AND ts_us < :end
+    ORDER BY ts_us
+    LIMIT :limit
+"""
+_RAW_JSON = {
+    # group_concat keeps the order of the subquery's rows.
+    "sqlite": f"""
+        SELECT count(*), group_concat(entry, ',') FROM (
+            SELECT printf(:entry, date(ts_us / 86400000000 * 86400, 'unixepoch'), ts_us / 3600000000 % 24,
+                          ts_us / 60000000 % 60, ts_us / 1000000 % 60, ts_us % 1000000, value_json) AS entry
+            {_RAW_SERIES})
+    """,
+    # Whole seconds and microseconds apart: interval arithmetic on a double loses microseconds
+    # past 2255.
+    "postgresql": f"""
+        SELECT count(*), string_agg(format(:entry, to_char(
+                   TIMESTAMP '1970-01-01' + ts_us / 1000000 * INTERVAL '1 second'
+                   + ts_us % 1000000 * INTERVAL '1 microsecond', :ts_format), value_json), ',' ORDER BY ts_us)
+        FROM (SELECT ts_us, value_json {_RAW_SERIES}) AS series
+    """,
+}
+_RAW_ENTRY = {
+    "sqlite": '{{"ts":"%sT%02d:%02d:%02d.%06dZ","{key}":%s}}',
+    "postgresql": '{{"ts":"%s","{key}":%s}}',
+}
+_PG_TS_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+
+
+def _raw_json(args: dict, start: int, end: int) -> str:
+    dialect = db.session.connection().dialect.name
+    key = "location" if args["field_type"] == GEO_POINT else "value"
+    count, entries = db.session.execute(text(_RAW_JSON[dialect]), {
+        "device_id": args["device_id"], "field": args["field"], "field_type": args["field_type"],
+        "start": start, "end": end, "limit": MAX_RAW_READINGS + 1,
+        "entry": _RAW_ENTRY[dialect].format(key=key), "ts_format": _PG_TS_FORMAT,
+    }).one()
+    if count > MAX_RAW_READINGS:
         raise ValidationError(
             "to_utc", f"the range holds more than {MAX_RAW_READINGS} readings: narrow it or aggregate with an interval"
         )
-    return rows
+    return f"[{entries or ''}]"
 
 
 def _aggregated(series, start: int, args: dict) -> list[dict]:
