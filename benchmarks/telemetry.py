@@ -185,22 +185,24 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
             [{"id": i, "unit": str(uuid.uuid4()), "now": now} for i in ids])
 
     def rows(device_id):
+        # Rows exactly as the worker stores them (including the rendered entry of a raw read).
         for n in range(per_device):
-            value = 12.0 + (n % 100) / 100
-            # value_json as the ingest path writes it (fleet_server.logbook.service).
-            yield device_id, "obd.bat.voltage", "double", START_US + n * 10_000_000, value, repr(value)
+            reading = {"field": "obd.bat.voltage", "type": "double", "ts": (START_US + n * 10_000_000) / 1e6,
+                       "value": 12.0 + (n % 100) / 100}
+            yield service.reading_row(device_id, reading)
 
+    columns = ", ".join(service.READING_COLUMNS)
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
         for device_id in ids:
             if database == "postgresql":
-                with cursor.copy("COPY telemetry_reading (device_id, field, field_type, ts_us, value, value_json) FROM STDIN") as copy:
+                with cursor.copy(f"COPY telemetry_reading ({columns}) FROM STDIN") as copy:
                     for row in rows(device_id):
                         copy.write_row(row)
             else:
-                cursor.executemany("INSERT INTO telemetry_reading (device_id, field, field_type, ts_us, value, "
-                                   "value_json) VALUES (?, ?, ?, ?, ?, ?)", rows(device_id))
+                cursor.executemany(f"INSERT INTO telemetry_reading ({columns}) VALUES ({', '.join('?' * 8)})",
+                                   rows(device_id))
         raw.commit()
         if database == "postgresql":
             cursor.execute("ANALYZE telemetry_reading")
@@ -215,11 +217,10 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
 def raw_read_plan(engine, database: str, device_id: str) -> list[str]:
     """The database's plan for the raw 24 h read, as the logbook service runs it."""
     params = {"device_id": device_id, "field": "obd.bat.voltage", "field_type": "double",
-              "start": START_US + DAY_US, "end": START_US + 2 * DAY_US, "limit": service.MAX_RAW_READINGS + 1,
-              "entry": service._RAW_ENTRY[database].format(key="value"), "ts_format": service._PG_TS_FORMAT}
+              "start": START_US + DAY_US, "end": START_US + 2 * DAY_US, "limit": service.MAX_RAW_READINGS + 1}
     explain = "EXPLAIN QUERY PLAN " if database == "sqlite" else "EXPLAIN "
     with engine.connect() as connection:
-        rows = connection.execute(sa.text(explain + service._RAW_JSON[database]), params).all()
+        rows = connection.execute(sa.text(explain + service.RAW_READ_SQL[database]), params).all()
     return [str(row[-1]) for row in rows]
 
 

@@ -1,9 +1,11 @@
 """The logbook on a real database: batches stored through the ingest path, read back as the seed shows."""
+import importlib.util
 import json
 import random
 import struct
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -284,3 +286,21 @@ def test_a_batch_rolled_back_leaves_neither_its_readings_nor_its_id_and_can_be_s
     assert send(batch["readings"], batch["batch_id"])
     with app.app_context():
         assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 2
+
+
+def test_readings_stored_before_entries_were_rendered_at_ingest_get_the_same_entries_from_the_migration(
+        app, client, auth, device, send):
+    send([voltage("2020-07-09T10:00:00.000001Z", -1.5e-07), voltage("2020-07-09T10:00:01Z", 3, "n", "int"),
+          position("2020-07-09T10:00:02.5Z", -33.8688, 151.2093)])
+    revision_file = Path(app.config["MIGRATIONS_DIR"]) / "versions" / "i7_telemetry_entry_json.py"
+    spec = importlib.util.spec_from_file_location("i7_telemetry_entry_json", revision_file)
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    with app.app_context():
+        rendered = db.session.execute(db.select(TelemetryReading.id, TelemetryReading.entry_json)).all()
+        db.session.execute(db.update(TelemetryReading).values(entry_json=None))
+        revision.render_missing_entries(db.session.connection())
+        db.session.commit()
+        assert db.session.execute(db.select(TelemetryReading.id, TelemetryReading.entry_json)).all() == rendered
+    assert read(client, auth, device, field="track.pos.loc", field_type="geo_point").get_json() == [
+        {"ts": "2020-07-09T10:00:02.500000Z", "location": {"lat": -33.8688, "lon": 151.2093}}]

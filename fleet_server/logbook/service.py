@@ -2,6 +2,7 @@
 import json
 import logging
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from sqlalchemy import func, insert, text
 
@@ -33,29 +34,34 @@ def record_telemetry(device: Device, batch: dict) -> bool:
                                   dropped=batch["dropped"]))
     if batch["dropped"]:
         log.warning("device=%s reports %d telemetry readings dropped by its full buffer", device.id, batch["dropped"])
-    rows = [_reading_row(device.id, reading) for reading in readings]
+    rows = [reading_row(device.id, reading) for reading in readings]
     connection = db.session.connection()
     if connection.dialect.name == "postgresql":
         _copy_rows(connection, rows)
     else:
         # One executemany: SQLAlchemy batches the rows into multi-row INSERTs.
-        connection.execute(insert(TelemetryReading), [dict(zip(_READING_COLUMNS, row)) for row in rows])
+        connection.execute(insert(TelemetryReading), [dict(zip(READING_COLUMNS, row)) for row in rows])
     return True
 
 
-_READING_COLUMNS = ("device_id", "field", "field_type", "ts_us", "value", "lat", "lon", "value_json")
-_COPY_READINGS = f"COPY telemetry_reading ({', '.join(_READING_COLUMNS)}) FROM STDIN"
+READING_COLUMNS = ("device_id", "field", "field_type", "ts_us", "value", "lat", "lon", "entry_json")
+_COPY_READINGS = f"COPY telemetry_reading ({', '.join(READING_COLUMNS)}) FROM STDIN"
 
 
-def _reading_row(device_id: str, reading: dict) -> tuple:
-    """A reading as a row of _READING_COLUMNS. Values go in as floats: the column is a double, and
-    SQLite's driver refuses a Python int beyond 64 bits."""
+def reading_row(device_id: str, reading: dict) -> tuple:
+    """A reading as a row of READING_COLUMNS, with its entry of a raw read rendered (see models.py).
+
+    Values go in as floats: the column is a double (a raw read has always returned `5.0` for an
+    int 5), and SQLite's driver refuses a Python int beyond 64 bits.
+    """
     ts_us = round(reading["ts"] * 1_000_000)
+    ts = _iso(ts_us, "microseconds")
     if reading["type"] == GEO_POINT:
         lat, lon = float(reading["value"]["lat"]), float(reading["value"]["lon"])
-        return (device_id, reading["field"], GEO_POINT, ts_us, None, lat, lon, f'{{"lat":{lat!r},"lon":{lon!r}}}')
+        entry = f'{{"ts":"{ts}","location":{{"lat":{lat!r},"lon":{lon!r}}}}}'
+        return device_id, reading["field"], GEO_POINT, ts_us, None, lat, lon, entry
     value = float(reading["value"])
-    return device_id, reading["field"], reading["type"], ts_us, value, None, None, repr(value)
+    return device_id, reading["field"], reading["type"], ts_us, value, None, None, f'{{"ts":"{ts}","value":{value!r}}}'
 
 
 def _copy_rows(connection, rows: list[tuple]):
@@ -74,19 +80,21 @@ def _epoch_us(moment: datetime) -> int:
 
 
 _DAY_US = 86_400_000_000
-_day_prefixes: dict[int, str] = {}
+
+
+@lru_cache(maxsize=4096)
+def _day_prefix(day: int) -> str:
+    return (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
 
 
 def _iso(ts_us: int, timespec: str) -> str:
-    """`2020-07-09T10:11:53.811Z` (milliseconds) or `.811839Z` (microseconds) from epoch microseconds.
+    """`2020-07-09T10:11:53.811839Z` (or `.811Z` for milliseconds) from epoch microseconds.
 
-    Arithmetic on a cached date prefix: building a datetime for each of up to 10,000 buckets
-    costs more than the query that fetched them.
+    Arithmetic on a cached date prefix: every stored reading and aggregated bucket needs one,
+    and building a datetime for each costs more than the rest of its work.
     """
     day, rest = divmod(ts_us, _DAY_US)
-    prefix = _day_prefixes.get(day)
-    if prefix is None:
-        prefix = _day_prefixes[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+    prefix = _day_prefix(day)
     seconds, micros = divmod(rest, 1_000_000)
     hours, seconds = divmod(seconds, 3600)
     minutes, seconds = divmod(seconds, 60)
@@ -113,48 +121,28 @@ def read_series_json(args: dict) -> str:
     return _raw_json(args, start, end)
 
 
-# A raw read is thousands of entries: the database writes each one and joins them, so that
-# Python only passes one string on. Each entry is `{"ts":"<ISO 8601 UTC, microseconds>",
-# "value":<value_json>}` (`"location"` for geo_point); timestamps are cut from the integer
-# ts_us, exact on both databases.
+# A raw read is thousands of entries. Each was rendered at ingest (entry_json): the database
+# only joins them, so neither it nor Python formats a timestamp or a double per entry.
 _RAW_SERIES = """
     FROM telemetry_reading
     WHERE device_id = :device_id AND field = :field AND field_type = :field_type
       AND ts_us >= :start AND ts_us < :end
-    ORDER BY ts_us
-    LIMIT :limit
 """
-_RAW_JSON = {
-    # group_concat keeps the order of the subquery's rows.
-    "sqlite": f"""
-        SELECT count(*), group_concat(entry, ',') FROM (
-            SELECT printf(:entry, date(ts_us / 86400000000 * 86400, 'unixepoch'), ts_us / 3600000000 % 24,
-                          ts_us / 60000000 % 60, ts_us / 1000000 % 60, ts_us % 1000000, value_json) AS entry
-            {_RAW_SERIES})
-    """,
-    # Whole seconds and microseconds apart: interval arithmetic on a double loses microseconds
-    # past 2255.
-    "postgresql": f"""
-        SELECT count(*), string_agg(format(:entry, to_char(
-                   TIMESTAMP '1970-01-01' + ts_us / 1000000 * INTERVAL '1 second'
-                   + ts_us % 1000000 * INTERVAL '1 microsecond', :ts_format), value_json), ',' ORDER BY ts_us)
-        FROM (SELECT ts_us, value_json {_RAW_SERIES}) AS series
-    """,
+RAW_READ_SQL = {
+    # group_concat keeps the order of the subquery's rows, which the index gives without a sort.
+    "sqlite": f"SELECT count(*), group_concat(entry_json, ',') FROM (SELECT entry_json {_RAW_SERIES}"
+              " ORDER BY ts_us LIMIT :limit)",
+    # The LIMIT only tells a range too big to return: when it cuts nothing, every row is there.
+    "postgresql": f"SELECT count(*), string_agg(entry_json, ',' ORDER BY ts_us) FROM (SELECT ts_us, entry_json"
+                  f" {_RAW_SERIES} LIMIT :limit) AS series",
 }
-_RAW_ENTRY = {
-    "sqlite": '{{"ts":"%sT%02d:%02d:%02d.%06dZ","{key}":%s}}',
-    "postgresql": '{{"ts":"%s","{key}":%s}}',
-}
-_PG_TS_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
 
 
 def _raw_json(args: dict, start: int, end: int) -> str:
     dialect = db.session.connection().dialect.name
-    key = "location" if args["field_type"] == GEO_POINT else "value"
-    count, entries = db.session.execute(text(_RAW_JSON[dialect]), {
+    count, entries = db.session.execute(text(RAW_READ_SQL[dialect]), {
         "device_id": args["device_id"], "field": args["field"], "field_type": args["field_type"],
         "start": start, "end": end, "limit": MAX_RAW_READINGS + 1,
-        "entry": _RAW_ENTRY[dialect].format(key=key), "ts_format": _PG_TS_FORMAT,
     }).one()
     if count > MAX_RAW_READINGS:
         raise ValidationError(
