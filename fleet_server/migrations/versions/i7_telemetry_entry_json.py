@@ -21,8 +21,9 @@ def _entry_json(ts_us, field_type, value, lat, lon) -> str:
     # What fleet_server.logbook.service renders at ingest and raw reads returned before this
     # revision (copied here: a migration must not change when that code does).
     ts = (datetime(1970, 1, 1) + timedelta(microseconds=ts_us)).isoformat(timespec="microseconds") + "Z"
-    entry = {"ts": ts, "location": {"lat": lat, "lon": lon}} if field_type == "geo_point" else {"ts": ts, "value": value}
-    return json.dumps(entry, separators=(",", ":"))
+    if field_type == "geo_point":
+        return json.dumps({"ts": ts, "location": {"lat": lat, "lon": lon}}, separators=(",", ":"))
+    return json.dumps({"ts": ts, "value": value}, separators=(",", ":"))
 
 
 def upgrade():
