@@ -41,6 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from harness import answers, free_port, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 from fleet_device.telemetry import Telemetry, TelemetryConfig
+from fleet_server.logbook import service
 
 BIN = Path(sys.executable).parent
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
@@ -184,20 +185,24 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
             [{"id": i, "unit": str(uuid.uuid4()), "now": now} for i in ids])
 
     def rows(device_id):
+        # Rows exactly as the worker stores them (including the rendered entry of a raw read).
         for n in range(per_device):
-            yield (device_id, "obd.bat.voltage", "double", START_US + n * 10_000_000, 12.0 + (n % 100) / 100)
+            reading = {"field": "obd.bat.voltage", "type": "double", "ts": (START_US + n * 10_000_000) / 1e6,
+                       "value": 12.0 + (n % 100) / 100}
+            yield service.reading_row(device_id, reading)
 
+    columns = ", ".join(service.READING_COLUMNS)
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
         for device_id in ids:
             if database == "postgresql":
-                with cursor.copy("COPY telemetry_reading (device_id, field, field_type, ts_us, value) FROM STDIN") as copy:
+                with cursor.copy(f"COPY telemetry_reading ({columns}) FROM STDIN") as copy:
                     for row in rows(device_id):
                         copy.write_row(row)
             else:
-                cursor.executemany("INSERT INTO telemetry_reading (device_id, field, field_type, ts_us, value) "
-                                   "VALUES (?, ?, ?, ?, ?)", rows(device_id))
+                cursor.executemany(f"INSERT INTO telemetry_reading ({columns}) VALUES ({', '.join('?' * 8)})",
+                                   rows(device_id))
         raw.commit()
         if database == "postgresql":
             cursor.execute("ANALYZE telemetry_reading")
@@ -207,6 +212,16 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
     finally:
         raw.close()
     return ids[devices // 2]
+
+
+def raw_read_plan(engine, database: str, device_id: str) -> list[str]:
+    """The database's plan for the raw 24 h read, as the logbook service runs it."""
+    params = {"device_id": device_id, "field": "obd.bat.voltage", "field_type": "double",
+              "start": START_US + DAY_US, "end": START_US + 2 * DAY_US, "limit": service.MAX_RAW_READINGS + 1}
+    explain = "EXPLAIN QUERY PLAN " if database == "sqlite" else "EXPLAIN "
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(explain + service.RAW_READ_SQL[database]), params).all()
+    return [str(row[-1]) for row in rows]
 
 
 def measure_reads(tmp: Path, env: dict, device_id: str, token: str, repeats: int) -> dict:
@@ -259,6 +274,8 @@ def run(database: str, args) -> None:
                 total = connection.execute(sa.text("SELECT count(*) FROM telemetry_reading")).scalar()
             print(f"[{database}] loaded {args.stored:,} rows in {time.perf_counter() - began:.1f} s "
                   f"({total:,} rows stored in all)", flush=True)
+            for line in raw_read_plan(engine, database, device_id):
+                print(f"[{database}] raw read plan: {line}", flush=True)
             for name, figures in measure_reads(tmp, env, device_id, token, args.repeats).items():
                 print(f"[{database}] read {name}: {figures['entries']} entries, median {figures['median_ms']:.1f} ms, "
                       f"p95 {figures['p95_ms']:.1f} ms over {args.repeats} requests", flush=True)

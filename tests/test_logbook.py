@@ -1,14 +1,20 @@
 """The logbook on a real database: batches stored through the ingest path, read back as the seed shows."""
+import importlib.util
 import json
+import random
+import struct
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from fleet_device import wire
 from fleet_server import ingest
 from fleet_server.extensions import db
+from fleet_server.logbook import service
 from fleet_server.logbook.models import TelemetryBatch, TelemetryReading
+from fleet_server.models import Device
 
 READ = "/logbook/storage/read/"
 
@@ -170,3 +176,134 @@ def test_bad_parameters_get_400_naming_the_parameter(client, auth, device, param
 
 def test_the_logbook_needs_a_token(client, device):
     assert client.get(READ, query_string={"device_id": device["id"]}).status_code == 401
+
+
+# --- raw reads, whose JSON the database writes ----------------------------------------------
+
+def _reference_json(entries) -> bytes:
+    """How the logbook rendered a raw read in Python before the database wrote it: the bytes must not change."""
+    def iso(ts_us):
+        return (datetime(1970, 1, 1) + timedelta(microseconds=ts_us)).isoformat(timespec="microseconds") + "Z"
+    return json.dumps([{"ts": iso(ts_us), key: value} for ts_us, key, value in entries],
+                      separators=(",", ":")).encode()
+
+
+def test_an_empty_range_reads_as_an_empty_list_for_numbers_and_positions(client, auth, device, send):
+    send([voltage("2020-07-09T12:00:00Z", 1.0), position("2020-07-09T12:00:00Z", 1.0, 2.0)])
+    for field, field_type in (("obd.bat.voltage", "float"), ("track.pos.loc", "geo_point")):
+        response = read(client, auth, device, field=field, field_type=field_type)
+        assert response.status_code == 200 and response.data == b"[]", response.data
+    response = read(client, auth, device, field="obd.bat.voltage", field_type="float",
+                    from_utc="2020-07-09T12:00:00Z", to_utc="2020-07-09T12:00:00Z")
+    assert response.data == b"[]"
+
+
+def test_timestamps_across_day_month_year_and_leap_day_boundaries_read_back_exactly(client, auth, device, send):
+    moments = ["1970-01-01T00:00:00.000000", "2020-02-28T23:59:59.999999", "2020-02-29T00:00:00.000001",
+               "2020-12-31T23:59:59.999999", "2021-01-01T00:00:00.000000", "2999-12-31T23:59:59.500000"]
+    epoch = datetime(1970, 1, 1)
+    ts_us = [(datetime.fromisoformat(m) - epoch) // timedelta(microseconds=1) for m in moments]
+    send([{"field": "x", "type": "double", "ts": t / 1e6, "value": 1.5} for t in ts_us])
+    response = read(client, auth, device, field="x", field_type="double", from_utc="1970-01-01T00:00:00Z",
+                    to_utc="3000-01-01T00:00:00Z")
+    assert response.data == _reference_json([(t, "value", 1.5) for t in ts_us])
+    assert [e["ts"] for e in response.get_json()] == [m + "Z" for m in moments]
+
+
+def test_a_timestamp_is_rounded_to_the_nearest_microsecond_even_across_midnight(client, auth, device, send):
+    midnight = _epoch("2020-07-10T00:00:00Z")
+    send([voltage("2020-07-09T23:00:00Z", 1.0) | {"ts": midnight - 0.0000003},  # 0.3 µs before: rounds up
+          voltage("2020-07-09T23:00:00Z", 2.0) | {"ts": midnight + 0.0000012}])  # 1.2 µs after: rounds down
+    body = read(client, auth, device, field="obd.bat.voltage", field_type="float", from_utc="2020-07-09T23:00:00Z",
+                to_utc="2020-07-10T01:00:00Z").get_json()
+    assert body == [{"ts": "2020-07-10T00:00:00.000000Z", "value": 1.0},
+                    {"ts": "2020-07-10T00:00:00.000001Z", "value": 2.0}]
+
+
+@pytest.mark.parametrize("kind, values", [
+    ("double", [-273.15, 0.1 + 0.2, 1e16, 1e15 + 0.5, 123456789012345.6, 1.5e-07, 1e-05, 0.0001, -1e300, 5e-324,
+                2.0 ** 0.5, 13.600000000000001, 0.0, -0.0]),
+    ("long", [0, -1, 2 ** 53 + 1, -(2 ** 63), 10 ** 20]),
+])
+def test_negative_large_tiny_and_whole_values_read_back_exactly_as_python_prints_them(
+        client, auth, device, send, kind, values):
+    start_us = 1594288800 * 1_000_000
+    send([{"field": "x", "type": kind, "ts": (start_us + i * 1_000_000) / 1e6, "value": value}
+          for i, value in enumerate(values)])
+    response = read(client, auth, device, field="x", field_type=kind)
+    assert response.status_code == 200, response.get_json()
+    # Raw values come from a double column: a whole number reads back as a float (`5.0`, `1e+20`).
+    expected = [(start_us + i * 1_000_000, "value", float(value)) for i, value in enumerate(values)]
+    assert response.data == _reference_json(expected)
+
+
+def test_random_doubles_read_back_byte_for_byte_as_before(client, auth, device, send):
+    generator = random.Random(7)
+    values = [generator.uniform(-100, 100) for _ in range(300)]  # 16-17 significant digits
+    values += [round(generator.uniform(-1e4, 1e4), 3) for _ in range(300)]  # what sensors send
+    # Any bit pattern below 2.0, subnormals included: shortest round-trip digits are the hard case.
+    values += [struct.unpack("<d", struct.pack("<Q", generator.getrandbits(62)))[0] for _ in range(300)]
+    start_us = 1594288800 * 1_000_000
+    send([{"field": "x", "type": "double", "ts": (start_us + i * 1000) / 1e6, "value": value}
+          for i, value in enumerate(values)])
+    response = read(client, auth, device, field="x", field_type="double")
+    assert response.data == _reference_json([(start_us + i * 1000, "value", value) for i, value in enumerate(values)])
+
+
+def test_positions_at_the_poles_and_the_date_line_read_back_exactly(client, auth, device, send):
+    points = [(-90.0, 180.0), (90.0, -180.0), (1e-07, -0.000123), (57.04699, 9.93909), (0.0, 0.0)]
+    start_us = 1594288800 * 1_000_000
+    send([{"field": "track.pos.loc", "type": "geo_point", "ts": (start_us + i * 1_000_000) / 1e6,
+           "value": {"lat": lat, "lon": lon}} for i, (lat, lon) in enumerate(points)])
+    response = read(client, auth, device, field="track.pos.loc", field_type="geo_point")
+    assert response.data == _reference_json([(start_us + i * 1_000_000, "location", {"lat": lat, "lon": lon})
+                                             for i, (lat, lon) in enumerate(points)])
+
+
+def test_huge_whole_values_aggregate_to_exact_integers(client, auth, device, send):
+    send([voltage("2020-07-09T10:00:01Z", 10 ** 20, "counter", "long"),
+          voltage("2020-07-09T10:00:02Z", 2 ** 70, "counter", "long")])
+    body = read(client, auth, device, field="counter", field_type="long", aggregation="max", interval="1h").get_json()
+    assert body == [{"ts": "2020-07-09T10:00:01.000Z", "max_ts": 1594288802000, "value": 2 ** 70}]
+
+
+def test_a_raw_read_of_more_readings_than_allowed_is_refused_naming_to_utc(client, auth, device, send, monkeypatch):
+    monkeypatch.setattr(service, "MAX_RAW_READINGS", 3)
+    send([voltage(f"2020-07-09T10:00:0{i}Z", float(i)) for i in range(4)])
+    response = read(client, auth, device, field="obd.bat.voltage", field_type="float")
+    assert response.status_code == 400 and "to_utc" in response.get_json()["errors"], response.get_json()
+    monkeypatch.setattr(service, "MAX_RAW_READINGS", 4)
+    assert len(read(client, auth, device, field="obd.bat.voltage", field_type="float").get_json()) == 4
+
+
+def test_a_batch_rolled_back_leaves_neither_its_readings_nor_its_id_and_can_be_stored_again(app, device, send):
+    batch = {"batch_id": uuid.uuid4().hex, "dropped": 0, "readings": [
+        {"field": "x", "type": "double", "ts": 1594288801.0, "value": 1.0},
+        {"field": "track.pos.loc", "type": "geo_point", "ts": 1594288801.0, "value": {"lat": 1.0, "lon": 2.0}}]}
+    with app.app_context():
+        unit = db.session.get(Device, device["id"])
+        assert service.record_telemetry(unit, batch)
+        db.session.rollback()
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 0
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryBatch)) == 0
+    assert send(batch["readings"], batch["batch_id"])
+    with app.app_context():
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 2
+
+
+def test_readings_stored_before_entries_were_rendered_at_ingest_get_the_same_entries_from_the_migration(
+        app, client, auth, device, send):
+    send([voltage("2020-07-09T10:00:00.000001Z", -1.5e-07), voltage("2020-07-09T10:00:01Z", 3, "n", "int"),
+          position("2020-07-09T10:00:02.5Z", -33.8688, 151.2093)])
+    revision_file = Path(app.config["MIGRATIONS_DIR"]) / "versions" / "i7_telemetry_entry_json.py"
+    spec = importlib.util.spec_from_file_location("i7_telemetry_entry_json", revision_file)
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    with app.app_context():
+        rendered = db.session.execute(db.select(TelemetryReading.id, TelemetryReading.entry_json)).all()
+        db.session.execute(db.update(TelemetryReading).values(entry_json=None))
+        revision.render_missing_entries(db.session.connection())
+        db.session.commit()
+        assert db.session.execute(db.select(TelemetryReading.id, TelemetryReading.entry_json)).all() == rendered
+    assert read(client, auth, device, field="track.pos.loc", field_type="geo_point").get_json() == [
+        {"ts": "2020-07-09T10:00:02.500000Z", "location": {"lat": -33.8688, "lon": 151.2093}}]

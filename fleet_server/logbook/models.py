@@ -27,6 +27,12 @@ class TelemetryReading(db.Model):
     value: Mapped[float | None] = mapped_column(db.Float)
     lat: Mapped[float | None] = mapped_column(db.Float)
     lon: Mapped[float | None] = mapped_column(db.Float)
+    # The reading as a raw read returns it, rendered once at ingest:
+    # `{"ts":"2020-07-09T10:11:53.811839Z","value":13.25}` or `{"ts":...,"location":{"lat":..,"lon":..}}`.
+    # A raw read only joins these. Formatting thousands of timestamps and doubles per read costs
+    # more than the query on both databases, and SQLite cannot print a double exactly (15 digits,
+    # or 17 that are not always correctly rounded).
+    entry_json: Mapped[str | None] = mapped_column(db.Text)
 
 
 class TelemetryBatch(db.Model):

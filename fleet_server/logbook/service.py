@@ -1,8 +1,10 @@
 """Storing telemetry batches and reading series back, raw or aggregated in the database."""
+import json
 import logging
 from datetime import datetime, timedelta
+from functools import lru_cache
 
-from sqlalchemy import func, insert
+from sqlalchemy import func, insert, text
 
 from fleet_device.wire import GEO_POINT, INTEGER_TYPES
 
@@ -32,18 +34,45 @@ def record_telemetry(device: Device, batch: dict) -> bool:
                                   dropped=batch["dropped"]))
     if batch["dropped"]:
         log.warning("device=%s reports %d telemetry readings dropped by its full buffer", device.id, batch["dropped"])
-    rows = []
-    for reading in readings:
-        row = {"device_id": device.id, "field": reading["field"], "field_type": reading["type"],
-               "ts_us": round(reading["ts"] * 1_000_000), "value": None, "lat": None, "lon": None}
-        if reading["type"] == GEO_POINT:
-            row["lat"], row["lon"] = reading["value"]["lat"], reading["value"]["lon"]
-        else:
-            row["value"] = reading["value"]
-        rows.append(row)
-    # One executemany: SQLAlchemy batches the rows into multi-row INSERTs.
-    db.session.execute(insert(TelemetryReading), rows)
+    rows = [reading_row(device.id, reading) for reading in readings]
+    connection = db.session.connection()
+    if connection.dialect.name == "postgresql":
+        _copy_rows(connection, rows)
+    else:
+        # One executemany: SQLAlchemy batches the rows into multi-row INSERTs.
+        connection.execute(insert(TelemetryReading), [dict(zip(READING_COLUMNS, row)) for row in rows])
     return True
+
+
+READING_COLUMNS = ("device_id", "field", "field_type", "ts_us", "value", "lat", "lon", "entry_json")
+_COPY_READINGS = f"COPY telemetry_reading ({', '.join(READING_COLUMNS)}) FROM STDIN"
+
+
+def reading_row(device_id: str, reading: dict) -> tuple:
+    """A reading as a row of READING_COLUMNS, with its entry of a raw read rendered (see models.py).
+
+    Values go in as floats: the column is a double (a raw read has always returned `5.0` for an
+    int 5), and SQLite's driver refuses a Python int beyond 64 bits.
+    """
+    ts_us = round(reading["ts"] * 1_000_000)
+    ts = _iso(ts_us, "microseconds")
+    if reading["type"] == GEO_POINT:
+        lat, lon = float(reading["value"]["lat"]), float(reading["value"]["lon"])
+        entry = f'{{"ts":"{ts}","location":{{"lat":{lat!r},"lon":{lon!r}}}}}'
+        return device_id, reading["field"], GEO_POINT, ts_us, None, lat, lon, entry
+    value = float(reading["value"])
+    return device_id, reading["field"], reading["type"], ts_us, value, None, None, f'{{"ts":"{ts}","value":{value!r}}}'
+
+
+def _copy_rows(connection, rows: list[tuple]):
+    """COPY the rows on the session's own connection, so they commit (or roll back) with its transaction.
+
+    A multi-row INSERT makes PostgreSQL parse and plan thousands of parameters per batch; COPY
+    streams the rows, which is what lets one worker keep up with thousands of readings a second.
+    """
+    with connection.connection.driver_connection.cursor() as cursor, cursor.copy(_COPY_READINGS) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _epoch_us(moment: datetime) -> int:
@@ -51,19 +80,21 @@ def _epoch_us(moment: datetime) -> int:
 
 
 _DAY_US = 86_400_000_000
-_day_prefixes: dict[int, str] = {}
+
+
+@lru_cache(maxsize=4096)
+def _day_prefix(day: int) -> str:
+    return (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
 
 
 def _iso(ts_us: int, timespec: str) -> str:
     """`2020-07-09T10:11:53.811839Z` (or `.811Z` for milliseconds) from epoch microseconds.
 
-    Arithmetic on a cached date prefix: a day of raw readings is thousands of timestamps and
-    building a datetime for each costs more than the query that fetched them.
+    Arithmetic on a cached date prefix: every stored reading and aggregated bucket needs one,
+    and building a datetime for each costs more than the rest of its work.
     """
     day, rest = divmod(ts_us, _DAY_US)
-    prefix = _day_prefixes.get(day)
-    if prefix is None:
-        prefix = _day_prefixes[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+    prefix = _day_prefix(day)
     seconds, micros = divmod(rest, 1_000_000)
     hours, seconds = divmod(seconds, 3600)
     minutes, seconds = divmod(seconds, 60)
@@ -72,39 +103,52 @@ def _iso(ts_us: int, timespec: str) -> str:
     return f"{prefix}{hours:02d}:{minutes:02d}:{seconds:02d}.{micros:06d}Z"
 
 
-def read_series(args: dict) -> list[dict]:
-    """The readings of one field of one device in [from_utc, to_utc), as the seed's logbook returns them."""
+def read_series_json(args: dict) -> str:
+    """The readings of one field of one device in [from_utc, to_utc) as the JSON text the seed's logbook returns."""
     if db.session.get(Device, args["device_id"]) is None:
         raise ValidationError("device_id", f"no device has id {args['device_id']!r}")
-    # The table's columns rather than the mapped class: Core rows cost a fraction of ORM loading
-    # and a day of one device is thousands of them.
-    reading = TelemetryReading.__table__.c
     start, end = _epoch_us(args["from_utc"]), _epoch_us(args["to_utc"])
-    series = (
-        reading.device_id == args["device_id"],
-        reading.field == args["field"],
-        reading.field_type == args["field_type"],
-        reading.ts_us >= start,
-        reading.ts_us < end,
-    )
     if args["aggregation"]:
-        return _aggregated(series, start, args)
-    if args["field_type"] == GEO_POINT:
-        rows = _raw(db.select(reading.ts_us, reading.lat, reading.lon), series)
-        return [{"ts": _iso(ts, "microseconds"), "location": {"lat": lat, "lon": lon}} for ts, lat, lon in rows]
-    rows = _raw(db.select(reading.ts_us, reading.value), series)
-    return [{"ts": _iso(ts, "microseconds"), "value": value} for ts, value in rows]
+        reading = TelemetryReading.__table__.c
+        series = (
+            reading.device_id == args["device_id"],
+            reading.field == args["field"],
+            reading.field_type == args["field_type"],
+            reading.ts_us >= start,
+            reading.ts_us < end,
+        )
+        return json.dumps(_aggregated(series, start, args), separators=(",", ":"))
+    return _raw_json(args, start, end)
 
 
-def _raw(select, series):
-    rows = db.session.connection().execute(
-        select.where(*series).order_by(TelemetryReading.__table__.c.ts_us).limit(MAX_RAW_READINGS + 1)
-    ).all()
-    if len(rows) > MAX_RAW_READINGS:
+# A raw read is thousands of entries. Each was rendered at ingest (entry_json): the database
+# only joins them, so neither it nor Python formats a timestamp or a double per entry.
+_RAW_SERIES = """
+    FROM telemetry_reading
+    WHERE device_id = :device_id AND field = :field AND field_type = :field_type
+      AND ts_us >= :start AND ts_us < :end
+"""
+RAW_READ_SQL = {
+    # group_concat keeps the order of the subquery's rows, which the index gives without a sort.
+    "sqlite": f"SELECT count(*), group_concat(entry_json, ',') FROM (SELECT entry_json {_RAW_SERIES}"
+              " ORDER BY ts_us LIMIT :limit)",
+    # The LIMIT only tells a range too big to return: when it cuts nothing, every row is there.
+    "postgresql": f"SELECT count(*), string_agg(entry_json, ',' ORDER BY ts_us) FROM (SELECT ts_us, entry_json"
+                  f" {_RAW_SERIES} LIMIT :limit) AS series",
+}
+
+
+def _raw_json(args: dict, start: int, end: int) -> str:
+    dialect = db.session.connection().dialect.name
+    count, entries = db.session.execute(text(RAW_READ_SQL[dialect]), {
+        "device_id": args["device_id"], "field": args["field"], "field_type": args["field_type"],
+        "start": start, "end": end, "limit": MAX_RAW_READINGS + 1,
+    }).one()
+    if count > MAX_RAW_READINGS:
         raise ValidationError(
             "to_utc", f"the range holds more than {MAX_RAW_READINGS} readings: narrow it or aggregate with an interval"
         )
-    return rows
+    return f"[{entries or ''}]"
 
 
 def _aggregated(series, start: int, args: dict) -> list[dict]:

@@ -1,6 +1,4 @@
 """HTTP endpoint for /logbook/storage/read/."""
-import json
-
 from flask import Response
 from flask.views import MethodView
 from marshmallow import RAISE
@@ -19,6 +17,6 @@ class StorageRead(MethodView):
     @blp.response(200, LogbookEntrySchema(many=True))
     def get(self, args):
         """Read one field of one device over a time range, optionally aggregated per interval"""
-        # The service shapes each entry exactly as LogbookEntrySchema documents it; dumping
-        # thousands of them through marshmallow again would cost more than the query.
-        return Response(json.dumps(service.read_series(args), separators=(",", ":")), mimetype="application/json")
+        # The service (the database, for raw reads) writes the JSON exactly as LogbookEntrySchema
+        # documents it; loading and dumping thousands of entries again would cost more than the query.
+        return Response(service.read_series_json(args), mimetype="application/json")
