@@ -197,28 +197,40 @@ class IngestWorker:
             self.drains[client_id] = drain
             drain.start()
 
-    def run(self):
+    def open(self):
+        """Claim this worker's own session, then connect (in the background) and subscribe."""
         with self.app.app_context():
-            # Claim this worker's own session before connecting, so no peer drains it meanwhile.
+            # Claimed before connecting, so no peer drains it meanwhile.
             worker_sessions.heartbeat(self.client_id, self.worker_id)
             db.session.remove()
         connect(self.client, session_expiry=SESSION_EXPIRY)
+
+    def close(self):
+        # The session stays on the broker: a restarted worker of the same id resumes it,
+        # and if none comes back a peer drains it (worker_sessions.py).
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def store_waiting(self, wait: float) -> int:
+        """Store one batch of what waits (waiting at most `wait` for a first report); how many were in it."""
+        batch = self._next_batch(wait)
+        if batch:
+            self._handle(batch)
+        return len(batch)
+
+    def run(self):
+        self.open()
         next_sweep = 0.0
         try:
             while not self.stopping.is_set():
-                # A report is handled the moment it arrives; the wait only bounds how late a sweep
+                # Reports are handled the moment they arrive; the wait only bounds how late a sweep
                 # (and noticing `stop`) can be.
-                batch = self._next_batch(min(0.2, max(0.0, next_sweep - time.monotonic())))
-                if batch:
-                    self._handle(batch)
+                self.store_waiting(min(0.2, max(0.0, next_sweep - time.monotonic())))
                 if time.monotonic() >= next_sweep:
                     self._sweep()
                     next_sweep = time.monotonic() + self.sweep_interval
         finally:
-            # The session stays on the broker: a restarted worker of the same id resumes it,
-            # and if none comes back a peer drains it (worker_sessions.py).
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.close()
             for drain in self.drains.values():
                 drain.join(10)
 
