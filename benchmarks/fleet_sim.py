@@ -110,6 +110,10 @@ def _selector_devices(unit_ids, port, state_root, conn):
                 if "/releases/" in message.topic:
                     project_id = int(message.topic.rsplit("/", 1)[1])
                     handled.setdefault(project_id, []).append(time.time())
+            # paho writes a report or ack at once when no loop thread runs; only what the socket
+            # did not take waits here. Asking every agent each round costs more than the devices' work.
+            if agent.client.want_write():
+                agent.client.loop_write()
 
     for index, agent in enumerate(agents):
         agent.client.connect("127.0.0.1", port, keepalive=600, clean_start=False,
@@ -120,11 +124,11 @@ def _selector_devices(unit_ids, port, state_root, conn):
     last_misc = time.monotonic()
     while True:
         pump(0.02)
-        for agent in agents:
-            if agent.client.want_write():
-                agent.client.loop_write()
-        if time.monotonic() - last_misc > 5:
+        if time.monotonic() - last_misc > 1:
+            # Keepalives, and writes from other threads (command results, telemetry batches).
             for agent in agents:
+                if agent.client.want_write():
+                    agent.client.loop_write()
                 agent.client.loop_misc()
             last_misc = time.monotonic()
         while conn.poll():
