@@ -97,6 +97,10 @@ class IngestWorker:
         self.retry: list = []
         self.retry_at = 0.0
         self.retry_delay = 0.0
+        # A packet id only means something on the connection that delivered it: after a
+        # reconnection the broker resends what was not acknowledged, and acknowledging an
+        # old id could acknowledge a different, unstored message.
+        self.connection = 0
         self.drains: dict[str, threading.Thread] = {}
         # A stable client id per worker keeps its session (and the reports queued in it)
         # across restarts.
@@ -108,6 +112,7 @@ class IngestWorker:
         if reason_code.is_failure:
             log.error("broker refused the worker: %s", reason_code)
             return
+        self.connection += 1
         group = self.app.config["FLEET_MQTT_GROUP"]
         client.subscribe([(wire.shared_subscription(kind, group), 1) for kind in ingest.KINDS])
         log.info("worker %s connected and subscribed", self.worker_id)
@@ -115,7 +120,7 @@ class IngestWorker:
     def _on_message(self, client, userdata, message):
         # Tiny on purpose: the network loop must never block or die here.
         try:
-            self.inbox.put((message.topic, message.payload, message.mid, message.qos), timeout=5)
+            self.inbox.put((message.topic, message.payload, message.mid, message.qos, self.connection), timeout=5)
         except queue.Full:
             log.error("worker inbox full; message will be redelivered topic=%s", message.topic)
 
@@ -143,11 +148,13 @@ class IngestWorker:
         return batch
 
     def _handle(self, batch):
-        outcomes = store_reports(self.app, [(topic, payload) for topic, payload, _mid, _qos in batch])
+        outcomes = store_reports(self.app, [(topic, payload) for topic, payload, *_delivery in batch])
         retry = []
-        for (topic, payload, mid, qos), outcome in zip(batch, outcomes):
+        for (topic, payload, mid, qos, connection), outcome in zip(batch, outcomes):
+            if connection != self.connection:
+                continue  # delivered on an earlier connection: the broker has sent it again since
             if outcome is Outcome.UNAVAILABLE:
-                retry.append((topic, payload, mid, qos))
+                retry.append((topic, payload, mid, qos, connection))
                 continue
             if outcome is Outcome.FAILED:
                 continue
