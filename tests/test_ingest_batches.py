@@ -23,6 +23,12 @@ DEVICES = 12
 
 
 @pytest.fixture
+def broker(restartable_broker):
+    """A broker of this test's own: on the session's broker a group also gets every other test's reports."""
+    return restartable_broker
+
+
+@pytest.fixture
 def fleet(database_url, broker, tmp_path):
     """An app on a fresh database with DEVICES devices and a release that targets them all."""
     from fleet_server import models
@@ -30,8 +36,7 @@ def fleet(database_url, broker, tmp_path):
     from fleet_server.extensions import db
 
     app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "FLEET_MQTT_URL": broker.url,
-                      "FLEET_VAR_DIR": str(tmp_path / "var"),
-                      "FLEET_MQTT_GROUP": f"batch-{uuid.uuid4().hex[:8]}"})  # no other test's worker in the group
+                      "FLEET_VAR_DIR": str(tmp_path / "var")})
     with app.app_context():
         devices = [models.Device(name=f"d{i}") for i in range(DEVICES)]
         project = models.Project(name="fleet")
