@@ -12,10 +12,12 @@ Scenarios (each bounded in devices and seconds, loopback only, prints its figure
 
     python benchmarks/fleet_sim.py fanout --sizes 1000,5000,10000
     python benchmarks/fleet_sim.py storm --devices 1000
+    python benchmarks/fleet_sim.py commands --devices 1000
+    python benchmarks/fleet_sim.py telemetry --devices 1000 --batches 2 --per-batch 100
 
-Adding a scenario (command round trip, telemetry at fleet scale): write a function
-taking the parsed arguments, register it in SCENARIOS, and give SimDevices a command
-for what the devices must do (see `Fleet.ask`).
+Adding a scenario: write a function taking the parsed arguments, register it in
+SCENARIOS, and give the device processes a command for what the devices must do
+(see `Fleet.ask`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 
 from fleet_device import wire  # noqa: E402
 from fleet_device.agent import Agent, AgentConfig  # noqa: E402
+from fleet_device.telemetry import TelemetryConfig  # noqa: E402
 
 log = logging.getLogger("fleet_sim")
 
@@ -76,7 +79,9 @@ def _connect_properties(agent: Agent) -> Properties:
 def _selector_devices(unit_ids, port, state_root, conn):
     """Many agents in one thread: their paho clients driven by hand from one selector."""
     logging.basicConfig(level=logging.WARNING)
-    agents = [_agent(unit_id, port, state_root, keepalive=600) for unit_id in unit_ids]
+    # No telemetry sources: a scenario adds the readings itself.
+    agents = [_agent(unit_id, port, state_root, keepalive=600, telemetry=TelemetryConfig(sources=()))
+              for unit_id in unit_ids]
     selector = selectors.DefaultSelector()
     connected = set()
     handled: dict[int, list[float]] = {}
@@ -105,6 +110,10 @@ def _selector_devices(unit_ids, port, state_root, conn):
                 if "/releases/" in message.topic:
                     project_id = int(message.topic.rsplit("/", 1)[1])
                     handled.setdefault(project_id, []).append(time.time())
+            # paho writes a report or ack at once when no loop thread runs; only what the socket
+            # did not take waits here. Asking every agent each round costs more than the devices' work.
+            if agent.client.want_write():
+                agent.client.loop_write()
 
     for index, agent in enumerate(agents):
         agent.client.connect("127.0.0.1", port, keepalive=600, clean_start=False,
@@ -115,11 +124,11 @@ def _selector_devices(unit_ids, port, state_root, conn):
     last_misc = time.monotonic()
     while True:
         pump(0.02)
-        for agent in agents:
-            if agent.client.want_write():
-                agent.client.loop_write()
-        if time.monotonic() - last_misc > 5:
+        if time.monotonic() - last_misc > 1:
+            # Keepalives, and writes from other threads (command results, telemetry batches).
             for agent in agents:
+                if agent.client.want_write():
+                    agent.client.loop_write()
                 agent.client.loop_misc()
             last_misc = time.monotonic()
         while conn.poll():
@@ -129,6 +138,17 @@ def _selector_devices(unit_ids, port, state_root, conn):
             elif command == "expect":
                 project_id, count = args
                 expected[project_id] = count
+            elif command == "telemetry":
+                # Each device buffers its readings (the agent's own SQLite buffer), then its batch
+                # publisher thread sends them; this loop reads the PUBACKs it waits for.
+                batches, per_batch, start_ts = args
+                for agent in agents:
+                    readings = [{"field": "sim.value", "type": "double", "value": float(i),
+                                 "ts": start_ts + i * 0.001} for i in range(batches * per_batch)]
+                    for offset in range(0, len(readings), per_batch):
+                        agent.telemetry.add(readings[offset:offset + per_batch])
+                    agent.telemetry.start()
+                conn.send(len(agents) * batches * per_batch)
             elif command == "stop":
                 for agent in agents:
                     agent.stopping.set()
@@ -420,7 +440,128 @@ def storm(args):
     print_figures(f"reconnect storm ({machine()})", rows)
 
 
-SCENARIOS = {"fanout": fanout, "storm": storm}
+# --- command round trip at fleet scale ------------------------------------------------
+
+
+def _fleet_ready(args, server, broker):
+    devices = _register_devices(server, args.devices)
+    fleet = Fleet([unit for _id, unit in devices], broker.port, args.processes)
+    wait_for(lambda: fleet.connected() == args.devices, 180, f"{args.devices} simulated devices to connect", 0.5)
+    time.sleep(args.settle)  # let the workers store the devices' `online` statuses first
+    return devices, fleet
+
+
+def commands(args):
+    """`test.ping` to every device at once (POSTs from --clients threads); created → result stored, per command."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleet_server.commands.models import Command
+    from fleet_server.extensions import db
+
+    with workdir("fleet-commands-") as work:
+        broker = Broker(work).start()
+        server = Server(work, broker.url, web_workers=2, ingest_workers=args.ingest_workers).start()
+        fleet = None
+        try:
+            devices, fleet = _fleet_ready(args, server, broker)
+            app = server.app()
+            session = requests.Session()
+
+            def ping(device_id):
+                response = session.post(f"{server.url}/dongle/devices/{device_id}/execute/",
+                                        json={"command": "test.ping"}, headers=server.headers, timeout=60)
+                if response.status_code != 201:
+                    raise SystemExit(f"test.ping: {response.status_code} {response.text[:300]}")
+
+            t0 = time.time()
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(ping, [device_id for device_id, _unit in devices]))
+            t_posted = time.time()
+
+            def finished():
+                with app.app_context():
+                    try:
+                        return db.session.scalar(db.select(db.func.count()).select_from(Command)
+                                                 .where(Command.completed_at.is_not(None))) >= args.devices
+                    finally:
+                        db.session.remove()
+
+            wait_for(finished, HARD_TIMEOUT, f"{args.devices} results stored", 0.05)
+            t_done = time.time()
+            with app.app_context():
+                rows = db.session.execute(db.select(Command.state, Command.created_at, Command.completed_at)).all()
+                db.session.remove()
+            trips = [(done - created).total_seconds() * 1000 for _state, created, done in rows]
+            print_figures(f"command round trip at fleet scale ({machine()})", [{
+                "devices": args.devices,
+                "commands": len(rows),
+                "succeeded": sum(state == "succeeded" for state, _c, _d in rows),
+                "created_to_stored_p50_ms": round(percentile(trips, 0.5), 1),
+                "created_to_stored_p99_ms": round(percentile(trips, 0.99), 1),
+                "created_to_stored_max_ms": round(max(trips), 1),
+                "all_posted_s": round(t_posted - t0, 2),
+                "all_stored_s": round(t_done - t0, 2),
+                "post_clients": args.clients,
+            }])
+        finally:
+            if fleet:
+                fleet.stop()
+            server.stop()
+            broker.stop()
+
+
+# --- telemetry at fleet scale --------------------------------------------------------
+
+
+def telemetry(args):
+    """Every device buffers --batches x --per-batch readings and publishes them; readings/s until all are committed."""
+    from fleet_server.extensions import db
+    from fleet_server.logbook.models import TelemetryReading
+
+    with workdir("fleet-telemetry-") as work:
+        broker = Broker(work).start()
+        server = Server(work, broker.url, web_workers=1, ingest_workers=args.ingest_workers).start()
+        fleet = None
+        try:
+            _devices, fleet = _fleet_ready(args, server, broker)
+            app = server.app()
+            expected = args.devices * args.batches * args.per_batch
+
+            def counts():
+                with app.app_context():
+                    try:
+                        stored = db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading))
+                        pairs = db.select(TelemetryReading.device_id, TelemetryReading.ts_us).distinct().subquery()
+                        return stored, db.session.scalar(db.select(db.func.count()).select_from(pairs))
+                    finally:
+                        db.session.remove()
+
+            t0 = time.time()
+            sent = sum(fleet.ask("telemetry", args.batches, args.per_batch, 1_600_000_000.0))
+            t_buffered = time.time()
+            wait_for(lambda: counts()[0] >= expected, HARD_TIMEOUT, f"{expected} readings committed", 0.2)
+            t_done = time.time()
+            time.sleep(2)  # anything late would be a duplicate
+            stored, distinct = counts()
+            print_figures(f"telemetry ingest at fleet scale ({machine()})", [{
+                "devices": args.devices,
+                "readings_sent": sent,
+                "readings_stored": stored,
+                "duplicates": stored - distinct,
+                "lost": sent - distinct,
+                "readings_per_s": round(expected / (t_done - t0)),
+                "devices_buffered_s": round(t_buffered - t0, 2),
+                "all_committed_s": round(t_done - t0, 2),
+                "batch_readings": args.per_batch,
+            }])
+        finally:
+            if fleet:
+                fleet.stop()
+            server.stop()
+            broker.stop()
+
+
+SCENARIOS = {"fanout": fanout, "storm": storm, "commands": commands, "telemetry": telemetry}
 
 
 def main(argv=None):
@@ -437,7 +578,21 @@ def main(argv=None):
     run.add_argument("--down", type=float, default=3.0, help="seconds the broker stays down")
     run.add_argument("--backoff", default="agent,paho", help="agent (jittered) and/or paho (the old baseline)")
     run.add_argument("--timeout", type=float, default=240.0)
+    for name, helptext in (("commands", "test.ping to N devices: created -> result stored"),
+                           ("telemetry", "N devices each publishing telemetry batches: readings/s committed")):
+        run = commands.add_parser(name, help=helptext)
+        run.add_argument("--devices", type=int, default=1000)
+        run.add_argument("--processes", type=int, default=4)
+        run.add_argument("--ingest-workers", type=int, default=2)
+        run.add_argument("--settle", type=float, default=10.0, help="seconds to let start-up reports drain")
+        if name == "commands":
+            run.add_argument("--clients", type=int, default=8, help="threads posting the commands")
+        else:
+            run.add_argument("--batches", type=int, default=2)
+            run.add_argument("--per-batch", type=int, default=100)
     args = parser.parse_args(argv)
+    if getattr(args, "devices", 0) > 10000:
+        raise SystemExit("--devices: at most 10,000")
     logging.basicConfig(level=logging.WARNING)
     SCENARIOS[args.scenario](args)
 

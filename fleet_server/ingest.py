@@ -85,19 +85,69 @@ def handle_message(topic: str, payload: bytes) -> bool:
 
     Returns False when the message was rejected (logged, nothing written).
     """
-    try:
-        where = wire.parse_topic(topic)
-        schema, record = _HANDLERS[where.kind]
-        if where.kind == "status" and payload == b"":
-            return True  # a cleared retained status
-        message = wire.decode(schema, payload)
-        device = db.session.scalar(db.select(Device).filter_by(unit_id=where.unit_id))
-        if device is None:
-            raise Rejected(f"no device has unit_id {where.unit_id}")
-        record(device, message)
-        db.session.commit()
-        return True
-    except (wire.WireError, Rejected, KeyError) as exc:
-        db.session.rollback()
-        log.warning("rejected device message topic=%s reason=%s", topic, exc)
-        return False
+    return handle_batch([(topic, payload)])[0]
+
+
+def handle_batch(messages) -> list[bool]:
+    """Validate and store device messages [(topic, payload)] in one transaction; one verdict each.
+
+    True: stored. False: rejected (logged; nothing of it written). Each message is recorded
+    inside a savepoint, so a rejected one undoes only its own writes and the others are
+    committed together: one commit (one fsync) for the lot instead of one per message.
+    A database error propagates with nothing committed.
+    """
+    decoded = []
+    for topic, payload in messages:
+        try:
+            decoded.append(_decode(topic, payload))
+        except wire.WireError as exc:
+            log.warning("rejected device message topic=%s reason=%s", topic, exc)
+            decoded.append(None)
+    wanted = {where.unit_id for where, message in filter(None, decoded) if message is not None}
+    if not wanted:
+        return [entry is not None for entry in decoded]
+    _begin_writing()
+    devices = {device.unit_id: device
+               for device in db.session.scalars(db.select(Device).where(Device.unit_id.in_(wanted)))}
+    verdicts = []
+    for (topic, _payload), entry in zip(messages, decoded):
+        if entry is None or entry[1] is None:
+            verdicts.append(entry is not None)  # malformed, or a cleared retained status
+            continue
+        where, message = entry
+        try:
+            with db.session.begin_nested():
+                device = devices.get(where.unit_id)
+                if device is None:
+                    raise Rejected(f"no device has unit_id {where.unit_id}")
+                _HANDLERS[where.kind][1](device, message)
+            verdicts.append(True)
+        except (Rejected, KeyError) as exc:
+            log.warning("rejected device message topic=%s reason=%s", topic, exc)
+            verdicts.append(False)
+    db.session.commit()
+    return verdicts
+
+
+def _decode(topic: str, payload: bytes):
+    """(where, message) of a well-formed message, message None for a cleared retained status; WireError if not."""
+    where = wire.parse_topic(topic)
+    if where.kind not in _HANDLERS:
+        raise wire.WireError(f"devices do not report on {where.kind!r} topics")
+    if where.kind == "status" and payload == b"":
+        return where, None
+    return where, wire.decode(_HANDLERS[where.kind][0], payload)
+
+
+def _begin_writing():
+    """Open the batch's transaction so that its savepoints nest inside it.
+
+    pysqlite starts a transaction only at the first INSERT/UPDATE/DELETE; a SAVEPOINT issued
+    before that would itself be the outermost transaction and its RELEASE would commit. So on
+    SQLite the transaction is opened here, IMMEDIATE: it takes the write lock now (waiting up to
+    the busy timeout), so the batch's reads and writes see one state and no later step can fail
+    on a lock another writer took in between.
+    """
+    connection = db.session.connection()
+    if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

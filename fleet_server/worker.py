@@ -4,6 +4,7 @@ Any number of workers can run against one database and broker; the broker hands 
 report to one of them. A worker that dies for good has its session drained by a live
 one (see worker_sessions.py), so its share of the reports is stored all the same.
 """
+import enum
 import logging
 import queue
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from sqlalchemy.exc import OperationalError
 
 from fleet_device import wire
 
@@ -32,18 +34,51 @@ def client_id_for(worker_id: str) -> str:
     return f"fleet-worker-{worker_id}"
 
 
-def store_report(app, topic: str, payload: bytes) -> bool | None:
-    """Store one device message; True stored, False rejected, None the database failed (do not ack)."""
+BATCH_LIMIT = 500  # reports stored per transaction at most; the broker's in-flight window bounds it too
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    REJECTED = "rejected"  # acknowledged all the same: redelivering it would not make it fit
+    FAILED = "failed"  # not stored, not acknowledged: the broker redelivers it when the session resumes
+    UNAVAILABLE = "unavailable"  # the database is down: not acknowledged, tried again later
+
+
+def store_reports(app, messages) -> list[Outcome]:
+    """Store device messages [(topic, payload)] in one transaction; one Outcome each.
+
+    If the batch fails on anything but an outage (a message the database refuses, a bug),
+    its messages are stored one by one, so that only the culprit stays unacknowledged.
+    """
     with app.app_context():
         try:
-            return ingest.handle_message(topic, payload)
+            verdicts = ingest.handle_batch(messages)
+            return [Outcome.STORED if ok else Outcome.REJECTED for ok in verdicts]
+        except OperationalError:
+            log.exception("database unavailable; %d message(s) left unacknowledged", len(messages))
+            return [Outcome.UNAVAILABLE] * len(messages)
         except Exception:
-            # A database outage: leave the message unacknowledged, the broker redelivers it.
-            log.exception("could not store message topic=%s", topic)
+            log.exception("storing a batch of %d message(s) failed; storing them one by one", len(messages))
             db.session.rollback()
-            return None
         finally:
             db.session.remove()
+        outcomes = []
+        for topic, payload in messages:
+            if outcomes and outcomes[-1] is Outcome.UNAVAILABLE:
+                outcomes.append(Outcome.UNAVAILABLE)
+                continue
+            try:
+                outcomes.append(Outcome.STORED if ingest.handle_message(topic, payload) else Outcome.REJECTED)
+            except OperationalError:
+                log.exception("database unavailable; message left unacknowledged topic=%s", topic)
+                outcomes.append(Outcome.UNAVAILABLE)
+            except Exception:
+                log.exception("could not store message topic=%s; left unacknowledged", topic)
+                outcomes.append(Outcome.FAILED)
+            finally:
+                db.session.rollback()
+                db.session.remove()
+        return outcomes
 
 
 class IngestWorker:
@@ -58,6 +93,14 @@ class IngestWorker:
         self.inbox: queue.Queue = queue.Queue(maxsize=10000)
         self.stopping = threading.Event()
         self.received = self.rejected = 0
+        # Reports not stored because the database was down: still unacknowledged, tried again first.
+        self.retry: list = []
+        self.retry_at = 0.0
+        self.retry_delay = 0.0
+        # A packet id only means something on the connection that delivered it: after a
+        # reconnection the broker resends what was not acknowledged, and acknowledging an
+        # old id could acknowledge a different, unstored message.
+        self.connection = 0
         self.drains: dict[str, threading.Thread] = {}
         # A stable client id per worker keeps its session (and the reports queued in it)
         # across restarts.
@@ -69,6 +112,7 @@ class IngestWorker:
         if reason_code.is_failure:
             log.error("broker refused the worker: %s", reason_code)
             return
+        self.connection += 1
         group = self.app.config["FLEET_MQTT_GROUP"]
         client.subscribe([(wire.shared_subscription(kind, group), 1) for kind in ingest.KINDS])
         log.info("worker %s connected and subscribed", self.worker_id)
@@ -76,18 +120,56 @@ class IngestWorker:
     def _on_message(self, client, userdata, message):
         # Tiny on purpose: the network loop must never block or die here.
         try:
-            self.inbox.put((message.topic, message.payload, message.mid, message.qos), timeout=5)
+            self.inbox.put((message.topic, message.payload, message.mid, message.qos, self.connection), timeout=5)
         except queue.Full:
             log.error("worker inbox full; message will be redelivered topic=%s", message.topic)
 
-    def _handle(self, topic, payload, mid, qos):
-        accepted = store_report(self.app, topic, payload)
-        if accepted is None:
-            return
-        self.received += 1
-        self.rejected += not accepted
-        if qos > 0:
-            self.client.ack(mid, qos)
+    def _next_batch(self, wait: float) -> list:
+        """What waits to be stored: the reports to retry, then whatever the inbox already holds.
+
+        Waits (at most `wait`) only for the first report: a lone report is stored at once,
+        and under load a batch is whatever arrived while the previous one was being stored.
+        """
+        if self.retry:
+            if time.monotonic() < self.retry_at:
+                self.stopping.wait(min(wait, self.retry_at - time.monotonic()))
+                return []
+            batch, self.retry = self.retry, []
+        else:
+            try:
+                batch = [self.inbox.get(timeout=wait)]
+            except queue.Empty:
+                return []
+        while len(batch) < BATCH_LIMIT:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _handle(self, batch):
+        outcomes = store_reports(self.app, [(topic, payload) for topic, payload, *_delivery in batch])
+        retry = []
+        for (topic, payload, mid, qos, connection), outcome in zip(batch, outcomes):
+            if connection != self.connection:
+                continue  # delivered on an earlier connection: the broker has sent it again since
+            if outcome is Outcome.UNAVAILABLE:
+                retry.append((topic, payload, mid, qos, connection))
+                continue
+            if outcome is Outcome.FAILED:
+                continue
+            # Acknowledged only now that the transaction holding it is committed.
+            self.received += 1
+            self.rejected += outcome is Outcome.REJECTED
+            if qos > 0:
+                self.client.ack(mid, qos)
+        if retry:
+            self.retry = retry
+            self.retry_delay = min(10.0, max(0.5, self.retry_delay * 2))
+            self.retry_at = time.monotonic() + self.retry_delay
+            log.warning("%d report(s) wait for the database; next attempt in %.1f s", len(retry), self.retry_delay)
+        else:
+            self.retry_delay = 0.0
 
     def _sweep(self):
         with self.app.app_context():
@@ -122,29 +204,40 @@ class IngestWorker:
             self.drains[client_id] = drain
             drain.start()
 
-    def run(self):
+    def open(self):
+        """Claim this worker's own session, then connect (in the background) and subscribe."""
         with self.app.app_context():
-            # Claim this worker's own session before connecting, so no peer drains it meanwhile.
+            # Claimed before connecting, so no peer drains it meanwhile.
             worker_sessions.heartbeat(self.client_id, self.worker_id)
             db.session.remove()
         connect(self.client, session_expiry=SESSION_EXPIRY)
+
+    def close(self):
+        # The session stays on the broker: a restarted worker of the same id resumes it,
+        # and if none comes back a peer drains it (worker_sessions.py).
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def store_waiting(self, wait: float) -> int:
+        """Store one batch of what waits (waiting at most `wait` for a first report); how many were in it."""
+        batch = self._next_batch(wait)
+        if batch:
+            self._handle(batch)
+        return len(batch)
+
+    def run(self):
+        self.open()
         next_sweep = 0.0
         try:
             while not self.stopping.is_set():
-                # A report is handled the moment it arrives; the wait only bounds how late a sweep
+                # Reports are handled the moment they arrive; the wait only bounds how late a sweep
                 # (and noticing `stop`) can be.
-                try:
-                    self._handle(*self.inbox.get(timeout=min(0.2, max(0.0, next_sweep - time.monotonic()))))
-                except queue.Empty:
-                    pass
+                self.store_waiting(min(0.2, max(0.0, next_sweep - time.monotonic())))
                 if time.monotonic() >= next_sweep:
                     self._sweep()
                     next_sweep = time.monotonic() + self.sweep_interval
         finally:
-            # The session stays on the broker: a restarted worker of the same id resumes it,
-            # and if none comes back a peer drains it (worker_sessions.py).
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.close()
             for drain in self.drains.values():
                 drain.join(10)
 
@@ -194,12 +287,16 @@ class SessionDrain(threading.Thread):
 
     def _store_pending(self):
         while self._messages:
-            message = self._messages.pop(0)
-            if store_report(self.app, message.topic, message.payload) is None:
+            batch, self._messages = self._messages[:BATCH_LIMIT], self._messages[BATCH_LIMIT:]
+            outcomes = store_reports(self.app, [(message.topic, message.payload) for message in batch])
+            for message, outcome in zip(batch, outcomes):
+                if outcome in (Outcome.STORED, Outcome.REJECTED):
+                    self.stored += 1
+                    if message.qos > 0:
+                        self._client.ack(message.mid, message.qos)
+            if any(outcome in (Outcome.FAILED, Outcome.UNAVAILABLE) for outcome in outcomes):
+                # What was not stored stays unacknowledged in the session, which goes back to be claimed again.
                 raise RuntimeError("database unavailable")
-            self.stored += 1
-            if message.qos > 0:
-                self._client.ack(message.mid, message.qos)
 
     def _drain(self) -> bool:
         config = self.app.config

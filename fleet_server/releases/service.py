@@ -45,14 +45,17 @@ def fully_qualified_name(project_id: int, container_name: str) -> str:
     return f"deployment-{container_name}-{project_id}"
 
 
-def _resolve_devices(device_ids) -> list[Device]:
-    devices = list(db.session.scalars(db.select(Device).where(Device.id.in_(device_ids)))) if device_ids else []
-    missing = sorted(set(device_ids) - {d.id for d in devices})
+def _resolve_devices(device_ids) -> list[tuple[str, str]]:
+    """The (id, unit_id) of each listed device, sorted by id; ids and unit ids only, no ORM objects
+    (a fleet-wide release lists thousands of devices)."""
+    found = dict(db.session.execute(db.select(Device.id, Device.unit_id).where(Device.id.in_(device_ids))).all()) \
+        if device_ids else {}
+    missing = sorted(set(device_ids) - set(found))
     if missing:
         raise InvalidRelease(
             f"devices: unknown device id(s): {', '.join(missing)}", {"devices": [f"unknown device id(s): {', '.join(missing)}"]}
         )
-    return sorted(devices, key=lambda d: d.id)
+    return sorted(found.items())
 
 
 def _check_registries(containers):
@@ -67,37 +70,44 @@ def _check_registries(containers):
         raise InvalidRelease("; ".join(f"{k}: {v[0]}" for k, v in errors.items()), errors)
 
 
-def _check_names_on_devices(project_id: int, data, devices: list[Device]):
+def _check_names_on_devices(project_id: int, data, device_ids: list[str]):
     """A container's fully_qualified_name must not be another project's on any targeted device,
     and remove_containers must not name a container another project manages there."""
-    if not devices:
+    if not device_ids:
         return
     mine = {fully_qualified_name(project_id, c["name"]): index for index, c in enumerate(data["containers"])}
     errors = {}
-    for device in devices:
-        for other in _active_releases_of_other_projects(device, project_id):
-            for container in other.containers:
-                fqn = container.fully_qualified_name
-                if fqn in mine:
-                    errors.setdefault(f"containers.{mine[fqn]}.name", []).append(
-                        f"{fqn} is already run on device {device.id} by project {other.project_id}"
-                    )
-                if fqn in data["remove_containers"]:
-                    errors.setdefault("remove_containers", []).append(
-                        f"{fqn} on device {device.id} belongs to project {other.project_id}"
-                    )
+    for device_id, other_project, fqn in _containers_of_other_projects(device_ids, project_id):
+        if fqn in mine:
+            errors.setdefault(f"containers.{mine[fqn]}.name", []).append(
+                f"{fqn} is already run on device {device_id} by project {other_project}"
+            )
+        if fqn in data["remove_containers"]:
+            errors.setdefault("remove_containers", []).append(
+                f"{fqn} on device {device_id} belongs to project {other_project}"
+            )
     if errors:
         raise InvalidRelease("; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()), errors)
 
 
-def _active_releases_of_other_projects(device: Device, project_id: int) -> list[Release]:
-    newest = (
-        db.select(db.func.max(Release.id))
-        .join(release_devices, release_devices.c.release_id == Release.id)
-        .where(release_devices.c.device_id == device.id, Release.project_id != project_id)
-        .group_by(Release.project_id)
+def _containers_of_other_projects(device_ids: list[str], project_id: int) -> list[tuple[str, int, str]]:
+    """(device id, project id, fully_qualified_name) of every container that the active release of
+    another project runs on these devices: one query for the whole list, ordered by device,
+    release and position."""
+    active = (
+        db.select(release_devices.c.device_id, db.func.max(Release.id).label("release_id"))
+        .join(Release, Release.id == release_devices.c.release_id)
+        .where(release_devices.c.device_id.in_(device_ids), Release.project_id != project_id)
+        .group_by(release_devices.c.device_id, Release.project_id)
+        .subquery()
     )
-    return list(db.session.scalars(db.select(Release).where(Release.id.in_(newest))))
+    rows = db.session.execute(
+        db.select(active.c.device_id, Release.project_id, ReleaseContainer.name)
+        .join(Release, Release.id == active.c.release_id)
+        .join(ReleaseContainer, ReleaseContainer.release_id == Release.id)
+        .order_by(active.c.device_id, Release.id, ReleaseContainer.position)
+    )
+    return [(device_id, other, fully_qualified_name(other, name)) for device_id, other, name in rows]
 
 
 def _containers(data) -> list[ReleaseContainer]:
@@ -116,11 +126,20 @@ def _containers(data) -> list[ReleaseContainer]:
     ]
 
 
-def _validated_devices(project_id: int, data) -> list[Device]:
+def _validated_devices(project_id: int, data) -> list[tuple[str, str]]:
+    """The (id, unit_id) of the release's devices, once the release is known to fit them."""
     devices = _resolve_devices(data["device_ids"])
     _check_registries(data["containers"])
-    _check_names_on_devices(project_id, data, devices)
+    _check_names_on_devices(project_id, data, [device_id for device_id, _unit in devices])
     return devices
+
+
+def _link_devices(release: Release, devices: list[tuple[str, str]]):
+    """Insert the release's device rows with one executemany (thousands of rows for a fleet-wide release)."""
+    db.session.flush()  # the release's id
+    if devices:
+        db.session.execute(db.insert(release_devices),
+                           [{"release_id": release.id, "device_id": device_id} for device_id, _unit in devices])
 
 
 def create_release(project: Project, data) -> Release:
@@ -130,11 +149,11 @@ def create_release(project: Project, data) -> Release:
         version=data["version"],
         version_hash=_content_hash(project.id, data),
         remove_containers=data["remove_containers"],
-        devices=devices,
         containers=_containers(data),
     )
     db.session.add(release)
-    outbox.enqueue([d.unit_id for d in devices], project.id)
+    _link_devices(release, devices)
+    outbox.enqueue([unit_id for _id, unit_id in devices], project.id)
     db.session.commit()
     log.info("release=%s project=%s created devices=%s", release.id, project.id, len(devices))
     outbox.flush_after_commit()
@@ -172,18 +191,20 @@ def update_release(release: Release, changes) -> Release:
     content_changed = {k: data[k] for k in CONTENT_FIELDS if k != "device_ids"} != {
         k: before[k] for k in CONTENT_FIELDS if k != "device_ids"
     }
-    kept = {d.id for d in devices}
+    kept = {device_id for device_id, _unit in devices}
     for deployment in list(release.deployments):
         # What devices reported describes the old content; a device no longer targeted has nothing to report.
         if content_changed or deployment.device_id not in kept:
             db.session.delete(deployment)
     release.version = data["version"]
     release.remove_containers = data["remove_containers"]
-    release.devices = devices
+    # The link rows directly: the loaded `release.devices` is only read, and is reloaded after the commit.
+    db.session.execute(db.delete(release_devices).where(release_devices.c.release_id == release.id))
+    _link_devices(release, devices)
     if content_changed:
         release.containers = _containers(data)
     release.version_hash = _content_hash(release.project_id, data)
-    outbox.enqueue(set(old_unit_ids) | {d.unit_id for d in devices}, release.project_id)
+    outbox.enqueue(set(old_unit_ids) | {unit_id for _id, unit_id in devices}, release.project_id)
     db.session.commit()
     log.info("release=%s project=%s updated content_changed=%s", release.id, release.project_id, content_changed)
     outbox.flush_after_commit()
