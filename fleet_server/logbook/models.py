@@ -17,10 +17,7 @@ class TelemetryReading(db.Model):
     __tablename__ = "telemetry_reading"
     # The read path filters on device, field and type and scans a time range: this index serves
     # it as one contiguous range, whatever else is stored.
-    # On PostgreSQL the index also carries each reading's rendered entry, so a raw read is an
-    # index-only scan in time order (no heap visits, no sort of the day's rows).
-    __table_args__ = (Index("ix_telemetry_reading_series", "device_id", "field", "field_type", "ts_us",
-                            postgresql_include=["entry_json"]),)
+    __table_args__ = (Index("ix_telemetry_reading_series", "device_id", "field", "field_type", "ts_us"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
