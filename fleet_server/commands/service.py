@@ -62,9 +62,9 @@ def create_command(device_pk: str, data: dict) -> Command:
         "attempts": 1,
         "next_attempt_at": now + retry_interval(1),
     }
-    # One INSERT rather than the ORM's unit of work, and no reload after the commit: the command
-    # is on its way to the device within a millisecond of the commit. The response shows the
-    # command as it was created, whatever a worker stores meanwhile.
+    # One INSERT rather than the ORM's unit of work, and no reload after the commit: nothing
+    # stands between the commit and the publication. The response shows the command as it was
+    # created, whatever a worker stores meanwhile.
     db.session.execute(db.insert(Command), row)
     db.session.commit()
     command = Command(**row)
