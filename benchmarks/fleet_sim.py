@@ -22,6 +22,7 @@ SCENARIOS, and give the device processes a command for what the devices must do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -229,20 +230,27 @@ class Fleet:
     def connected(self) -> int:
         return sum(self.ask("connected"))
 
+    def expect(self, project_id: int, per_process: list[int]):
+        """Tell each process how many of its devices will receive a release of `project_id`."""
+        for link, count in zip(self.links, per_process):
+            link.send(("expect", project_id, count))
+
+    def handled(self, per_process: list[int]) -> list[float]:
+        """When each expected device had the release queued and acknowledged (epoch seconds)."""
+        stamps = []
+        for link, count in zip(self.links, per_process):
+            if count:
+                stamps.extend(self._recv(link, 120)[2])
+        return stamps
+
     def stop(self):
-        with contextlib_suppress():
+        with contextlib.suppress(Exception, SystemExit):
             self.ask("stop")
         for process in self.workers:
             process.join(10)
             if process.is_alive():
                 process.kill()
         shutil.rmtree(self.state_root, ignore_errors=True)
-
-
-def contextlib_suppress():
-    import contextlib
-
-    return contextlib.suppress(Exception, SystemExit)
 
 
 def _state_parent():
@@ -287,15 +295,27 @@ def _release_body(device_ids, version):
                                "privileged": False}, "purge_data": False}]}
 
 
-def _wait_handled(fleet: Fleet, project_id: int, per_process: list[int]) -> list[float]:
-    for link, count in zip(fleet.links, per_process):
-        link.send(("expect", project_id, count))
-    stamps = []
-    for link, count in zip(fleet.links, per_process):
-        if count:
-            kind, _project, times = fleet._recv(link, 120)
-            stamps.extend(times)
-    return stamps
+@contextlib.contextmanager
+def _fleet_stack(prefix: str, devices: int, args, web_workers: int):
+    """A broker, the server (web and ingest workers) and `devices` simulated devices, all connected
+    and settled; yields (broker, server, [(device id, unit id)], fleet) and stops them all after."""
+    with workdir(prefix) as work:
+        broker = Broker(work).start()
+        server = Server(work, broker.url, web_workers=web_workers, ingest_workers=args.ingest_workers).start()
+        fleet = None
+        try:
+            registered = _register_devices(server, devices)
+            started = time.monotonic()
+            fleet = Fleet([unit for _id, unit in registered], broker.port, args.processes)
+            wait_for(lambda: fleet.connected() == devices, 180, f"{devices} simulated devices to connect", 0.5)
+            print(f"{devices} devices connected in {time.monotonic() - started:.1f} s", file=sys.stderr)
+            time.sleep(args.settle)  # let the workers store the devices' `online` statuses first
+            yield broker, server, registered, fleet
+        finally:
+            if fleet:
+                fleet.stop()
+            server.stop()
+            broker.stop()
 
 
 def fanout(args):
@@ -303,61 +323,39 @@ def fanout(args):
     total = max(sizes)
     if total > 20000:
         raise SystemExit("--sizes: at most 20,000 devices")
-    with workdir("fleet-fanout-") as work:
-        broker = Broker(work).start()
-        server = Server(work, broker.url, web_workers=2, ingest_workers=args.ingest_workers).start()
-        fleet = None
-        try:
-            devices = _register_devices(server, total)
-            unit_ids = [unit for _id, unit in devices]
-            started = time.monotonic()
-            fleet = Fleet(unit_ids, broker.port, args.processes)
-            wait_for(lambda: fleet.connected() == total, 180, f"{total} simulated devices to connect", 0.5)
-            print(f"{total} devices connected in {time.monotonic() - started:.1f} s", file=sys.stderr)
-            time.sleep(args.settle)  # let the workers store the devices' `online` statuses first
-            app = server.app()
-            rows = []
-            for size in sizes:
-                targets = devices[:size]
-                targeted = {unit for _id, unit in targets}
-                per_process = [sum(unit in targeted for unit in units) for units in fleet.slices]
-                project = requests.post(server.url + "/docker/projects/", json={"name": f"fanout-{size}"},
-                                        headers=server.headers, timeout=60).json()
-                for link, count in zip(fleet.links, per_process):
-                    link.send(("expect", project["id"], count))
-                t0 = time.time()
-                response = requests.post(f"{server.url}/docker/projects/{project['id']}/releases/",
-                                         json=_release_body([i for i, _u in targets], f"{size}.0"),
-                                         headers=server.headers, timeout=HARD_TIMEOUT)
-                t_response = time.time()
-                if response.status_code != 201:
-                    raise SystemExit(f"release of {size} devices: {response.status_code} {response.text[:500]}")
-                stamps = []
-                for link, count in zip(fleet.links, per_process):
-                    if count:
-                        _kind, _project, times = fleet._recv(link, 120)
-                        stamps.extend(times)
-                release_id = response.json()["id"]
-                wait_for(lambda: _count_deployments(app, release_id) >= size, 300, f"{size} queued reports stored",
-                         0.05)
-                t_stored = time.time()
-                floor = _broker_floor(broker, fleet, targets, project["id"] + 100000, per_process)
-                rows.append({
-                    "devices": size,
-                    "release_acknowledged_by_all_s": round(max(stamps) - t0, 3),
-                    "release_acknowledged_by_half_s": round(percentile(stamps, 0.5) - t0, 3),
-                    "post_release_response_s": round(t_response - t0, 3),
-                    "queued_reports_stored_s": round(t_stored - t0, 3),
-                    "baseline_broker_only_all_s": round(floor, 3),
-                    "devices_received": len(stamps),
-                })
-                print(rows[-1], file=sys.stderr)
-            print_figures(f"release fan-out ({machine()})", rows)
-        finally:
-            if fleet:
-                fleet.stop()
-            server.stop()
-            broker.stop()
+    with _fleet_stack("fleet-fanout-", total, args, web_workers=2) as (broker, server, devices, fleet):
+        app = server.app()
+        rows = []
+        for size in sizes:
+            targets = devices[:size]
+            targeted = {unit for _id, unit in targets}
+            per_process = [sum(unit in targeted for unit in units) for units in fleet.slices]
+            project = requests.post(server.url + "/docker/projects/", json={"name": f"fanout-{size}"},
+                                    headers=server.headers, timeout=60).json()
+            fleet.expect(project["id"], per_process)
+            t0 = time.time()
+            response = requests.post(f"{server.url}/docker/projects/{project['id']}/releases/",
+                                     json=_release_body([i for i, _u in targets], f"{size}.0"),
+                                     headers=server.headers, timeout=HARD_TIMEOUT)
+            t_response = time.time()
+            if response.status_code != 201:
+                raise SystemExit(f"release of {size} devices: {response.status_code} {response.text[:500]}")
+            stamps = fleet.handled(per_process)
+            release_id = response.json()["id"]
+            wait_for(lambda: _count_deployments(app, release_id) >= size, 300, f"{size} queued reports stored", 0.05)
+            t_stored = time.time()
+            floor = _broker_floor(broker, fleet, targets, project["id"] + 100000, per_process)
+            rows.append({
+                "devices": size,
+                "release_acknowledged_by_all_s": round(max(stamps) - t0, 3),
+                "release_acknowledged_by_half_s": round(percentile(stamps, 0.5) - t0, 3),
+                "post_release_response_s": round(t_response - t0, 3),
+                "queued_reports_stored_s": round(t_stored - t0, 3),
+                "baseline_broker_only_all_s": round(floor, 3),
+                "devices_received": len(stamps),
+            })
+            print(rows[-1], file=sys.stderr)
+        print_figures(f"release fan-out ({machine()})", rows)
 
 
 def _broker_floor(broker: Broker, fleet: Fleet, targets, project_id: int, per_process) -> float:
@@ -371,18 +369,13 @@ def _broker_floor(broker: Broker, fleet: Fleet, targets, project_id: int, per_pr
         release = {"id": project_id, "version": "floor", "version_hash": "0000beef", "remove_containers": [],
                    "containers": []}
         payload = wire.encode(wire.release_message, {"project_id": project_id, "release": release})
-        for link, count in zip(fleet.links, per_process):
-            link.send(("expect", project_id, count))
+        fleet.expect(project_id, per_process)
         t0 = time.time()
         handles = [client.publish(wire.release_topic(unit, project_id), payload, qos=1, retain=True)
                    for _id, unit in targets]
         for handle in handles:
             handle.wait_for_publish(60)
-        stamps = []
-        for link, count in zip(fleet.links, per_process):
-            if count:
-                stamps.extend(fleet._recv(link, 120)[2])
-        elapsed = max(stamps) - t0
+        elapsed = max(fleet.handled(per_process)) - t0
         for _id, unit in targets:  # clear the retained copies again
             client.publish(wire.release_topic(unit, project_id), b"", qos=1, retain=True)
         return elapsed
@@ -443,14 +436,6 @@ def storm(args):
 # --- command round trip at fleet scale ------------------------------------------------
 
 
-def _fleet_ready(args, server, broker):
-    devices = _register_devices(server, args.devices)
-    fleet = Fleet([unit for _id, unit in devices], broker.port, args.processes)
-    wait_for(lambda: fleet.connected() == args.devices, 180, f"{args.devices} simulated devices to connect", 0.5)
-    time.sleep(args.settle)  # let the workers store the devices' `online` statuses first
-    return devices, fleet
-
-
 def commands(args):
     """`test.ping` to every device at once (POSTs from --clients threads); created → result stored, per command."""
     from concurrent.futures import ThreadPoolExecutor
@@ -458,56 +443,46 @@ def commands(args):
     from fleet_server.commands.models import Command
     from fleet_server.extensions import db
 
-    with workdir("fleet-commands-") as work:
-        broker = Broker(work).start()
-        server = Server(work, broker.url, web_workers=2, ingest_workers=args.ingest_workers).start()
-        fleet = None
-        try:
-            devices, fleet = _fleet_ready(args, server, broker)
-            app = server.app()
-            session = requests.Session()
+    with _fleet_stack("fleet-commands-", args.devices, args, web_workers=2) as (_broker, server, devices, fleet):
+        app = server.app()
+        session = requests.Session()
 
-            def ping(device_id):
-                response = session.post(f"{server.url}/dongle/devices/{device_id}/execute/",
-                                        json={"command": "test.ping"}, headers=server.headers, timeout=60)
-                if response.status_code != 201:
-                    raise SystemExit(f"test.ping: {response.status_code} {response.text[:300]}")
+        def ping(device_id):
+            response = session.post(f"{server.url}/dongle/devices/{device_id}/execute/",
+                                    json={"command": "test.ping"}, headers=server.headers, timeout=60)
+            if response.status_code != 201:
+                raise SystemExit(f"test.ping: {response.status_code} {response.text[:300]}")
 
-            t0 = time.time()
-            with ThreadPoolExecutor(args.clients) as pool:
-                list(pool.map(ping, [device_id for device_id, _unit in devices]))
-            t_posted = time.time()
+        t0 = time.time()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(ping, [device_id for device_id, _unit in devices]))
+        t_posted = time.time()
 
-            def finished():
-                with app.app_context():
-                    try:
-                        return db.session.scalar(db.select(db.func.count()).select_from(Command)
-                                                 .where(Command.completed_at.is_not(None))) >= args.devices
-                    finally:
-                        db.session.remove()
-
-            wait_for(finished, HARD_TIMEOUT, f"{args.devices} results stored", 0.05)
-            t_done = time.time()
+        def finished():
             with app.app_context():
-                rows = db.session.execute(db.select(Command.state, Command.created_at, Command.completed_at)).all()
-                db.session.remove()
-            trips = [(done - created).total_seconds() * 1000 for _state, created, done in rows]
-            print_figures(f"command round trip at fleet scale ({machine()})", [{
-                "devices": args.devices,
-                "commands": len(rows),
-                "succeeded": sum(state == "succeeded" for state, _c, _d in rows),
-                "created_to_stored_p50_ms": round(percentile(trips, 0.5), 1),
-                "created_to_stored_p99_ms": round(percentile(trips, 0.99), 1),
-                "created_to_stored_max_ms": round(max(trips), 1),
-                "all_posted_s": round(t_posted - t0, 2),
-                "all_stored_s": round(t_done - t0, 2),
-                "post_clients": args.clients,
-            }])
-        finally:
-            if fleet:
-                fleet.stop()
-            server.stop()
-            broker.stop()
+                try:
+                    return db.session.scalar(db.select(db.func.count()).select_from(Command)
+                                             .where(Command.completed_at.is_not(None))) >= args.devices
+                finally:
+                    db.session.remove()
+
+        wait_for(finished, HARD_TIMEOUT, f"{args.devices} results stored", 0.05)
+        t_done = time.time()
+        with app.app_context():
+            rows = db.session.execute(db.select(Command.state, Command.created_at, Command.completed_at)).all()
+            db.session.remove()
+        trips = [(done - created).total_seconds() * 1000 for _state, created, done in rows]
+        print_figures(f"command round trip at fleet scale ({machine()})", [{
+            "devices": args.devices,
+            "commands": len(rows),
+            "succeeded": sum(state == "succeeded" for state, _c, _d in rows),
+            "created_to_stored_p50_ms": round(percentile(trips, 0.5), 1),
+            "created_to_stored_p99_ms": round(percentile(trips, 0.99), 1),
+            "created_to_stored_max_ms": round(max(trips), 1),
+            "all_posted_s": round(t_posted - t0, 2),
+            "all_stored_s": round(t_done - t0, 2),
+            "post_clients": args.clients,
+        }])
 
 
 # --- telemetry at fleet scale --------------------------------------------------------
@@ -518,47 +493,37 @@ def telemetry(args):
     from fleet_server.extensions import db
     from fleet_server.logbook.models import TelemetryReading
 
-    with workdir("fleet-telemetry-") as work:
-        broker = Broker(work).start()
-        server = Server(work, broker.url, web_workers=1, ingest_workers=args.ingest_workers).start()
-        fleet = None
-        try:
-            _devices, fleet = _fleet_ready(args, server, broker)
-            app = server.app()
-            expected = args.devices * args.batches * args.per_batch
+    with _fleet_stack("fleet-telemetry-", args.devices, args, web_workers=1) as (_broker, server, _devices, fleet):
+        app = server.app()
+        expected = args.devices * args.batches * args.per_batch
 
-            def counts():
-                with app.app_context():
-                    try:
-                        stored = db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading))
-                        pairs = db.select(TelemetryReading.device_id, TelemetryReading.ts_us).distinct().subquery()
-                        return stored, db.session.scalar(db.select(db.func.count()).select_from(pairs))
-                    finally:
-                        db.session.remove()
+        def counts():
+            with app.app_context():
+                try:
+                    stored = db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading))
+                    pairs = db.select(TelemetryReading.device_id, TelemetryReading.ts_us).distinct().subquery()
+                    return stored, db.session.scalar(db.select(db.func.count()).select_from(pairs))
+                finally:
+                    db.session.remove()
 
-            t0 = time.time()
-            sent = sum(fleet.ask("telemetry", args.batches, args.per_batch, 1_600_000_000.0))
-            t_buffered = time.time()
-            wait_for(lambda: counts()[0] >= expected, HARD_TIMEOUT, f"{expected} readings committed", 0.2)
-            t_done = time.time()
-            time.sleep(2)  # anything late would be a duplicate
-            stored, distinct = counts()
-            print_figures(f"telemetry ingest at fleet scale ({machine()})", [{
-                "devices": args.devices,
-                "readings_sent": sent,
-                "readings_stored": stored,
-                "duplicates": stored - distinct,
-                "lost": sent - distinct,
-                "readings_per_s": round(expected / (t_done - t0)),
-                "devices_buffered_s": round(t_buffered - t0, 2),
-                "all_committed_s": round(t_done - t0, 2),
-                "batch_readings": args.per_batch,
-            }])
-        finally:
-            if fleet:
-                fleet.stop()
-            server.stop()
-            broker.stop()
+        t0 = time.time()
+        sent = sum(fleet.ask("telemetry", args.batches, args.per_batch, 1_600_000_000.0))
+        t_buffered = time.time()
+        wait_for(lambda: counts()[0] >= expected, HARD_TIMEOUT, f"{expected} readings committed", 0.2)
+        t_done = time.time()
+        time.sleep(2)  # anything late would be a duplicate
+        stored, distinct = counts()
+        print_figures(f"telemetry ingest at fleet scale ({machine()})", [{
+            "devices": args.devices,
+            "readings_sent": sent,
+            "readings_stored": stored,
+            "duplicates": stored - distinct,
+            "lost": sent - distinct,
+            "readings_per_s": round(expected / (t_done - t0)),
+            "devices_buffered_s": round(t_buffered - t0, 2),
+            "all_committed_s": round(t_done - t0, 2),
+            "batch_readings": args.per_batch,
+        }])
 
 
 SCENARIOS = {"fanout": fanout, "storm": storm, "commands": commands, "telemetry": telemetry}

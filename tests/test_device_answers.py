@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from fleet_server.devices.schemas import DeviceListArgs, DevicePage, DeviceSchema
-from fleet_server.devices.service import devices_query
 from fleet_server.extensions import db
 from fleet_server.models import ApiToken, Deployment, Device, Project, Release
 from fleet_server.pagination import paginate
@@ -45,6 +44,18 @@ def fleet(app):
                 db.session.add(Deployment(release_id=release.id, device_id=device.id, state=state))
         db.session.commit()
         return [device.id for device in devices]
+
+
+def devices_query(unit_id=None, name=None, online=None):
+    """The device list as ORM objects in the list's order: what DevicePage is dumped from here."""
+    statement = db.select(Device).order_by(Device.created_at, Device.id)
+    if unit_id is not None:
+        statement = statement.filter_by(unit_id=str(unit_id))
+    if name is not None:
+        statement = statement.filter_by(name=name)
+    if online is not None:
+        statement = statement.filter_by(online=online)
+    return statement
 
 
 def _schema_answer(app, path, build):

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from fleet_device import wire
 from fleet_server.worker import IngestWorker
 from tests.support.infra import close_mqtt, connect_mqtt
-from tests.support.stack import eventually
+from tests.support.stack import add_release_for_new_devices, eventually
 
 DEVICES = 12
 
@@ -31,20 +31,13 @@ def broker(restartable_broker):
 @pytest.fixture
 def fleet(database_url, broker, tmp_path):
     """An app on a fresh database with DEVICES devices and a release that targets them all."""
-    from fleet_server import models
     from fleet_server.app import create_app
     from fleet_server.extensions import db
 
     app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "FLEET_MQTT_URL": broker.url,
                       "FLEET_VAR_DIR": str(tmp_path / "var")})
     with app.app_context():
-        devices = [models.Device(name=f"d{i}") for i in range(DEVICES)]
-        project = models.Project(name="fleet")
-        release = models.Release(project=project, version="1", version_hash="0badc0de", devices=devices)
-        db.session.add_all([project, release, *devices])
-        db.session.commit()
-        fleet = {"app": app, "units": [d.unit_id for d in devices], "ids": [d.id for d in devices],
-                 "project": project.id, "release": release.id}
+        fleet = {"app": app, **add_release_for_new_devices(DEVICES)}
     yield fleet
     with app.app_context():
         db.engine.dispose()

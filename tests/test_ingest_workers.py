@@ -7,7 +7,7 @@ import pytest
 
 from fleet_device import wire
 from tests.support.infra import close_mqtt, connect_mqtt
-from tests.support.stack import _command, _run, eventually, server_env, Process
+from tests.support.stack import Process, _command, _run, add_release_for_new_devices, eventually, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,6 @@ REPORTS = 240
 @pytest.fixture
 def database(tmp_path, broker):
     """A migrated SQLite database holding REPORTS devices and one release that targets them all."""
-    from fleet_server import models
     from fleet_server.app import create_app
     from fleet_server.extensions import db
 
@@ -27,14 +26,8 @@ def database(tmp_path, broker):
     # No broker for this app: the release's publications stay in the outbox for the workers.
     app = create_app({"SQLALCHEMY_DATABASE_URI": env["FLEET_DATABASE_URL"], "FLEET_MQTT_URL": broker.url})
     with app.app_context():
-        devices = [models.Device(name=f"d{i}") for i in range(REPORTS)]
-        project = models.Project(name="fleet")
-        release = models.Release(project=project, version="1", version_hash="0badc0de", devices=devices)
-        db.session.add_all([project, release, *devices])
-        db.session.commit()
-        units = [d.unit_id for d in devices]
-        ids = (project.id, release.id)
-    yield env, app, units, ids
+        fleet = add_release_for_new_devices(REPORTS)
+    yield env, app, fleet["units"], (fleet["project"], fleet["release"])
     with app.app_context():
         db.engine.dispose()
 

@@ -2,8 +2,6 @@
 import functools
 import logging
 
-from sqlalchemy.orm import selectinload
-
 from .. import broker_accounts, outbox
 from ..errors import Conflict, NotFound
 from ..extensions import db
@@ -44,19 +42,6 @@ def get_device(device_id: str) -> Device:
 
 def device_by_unit_id(unit_id: str) -> Device | None:
     return db.session.scalar(db.select(Device).filter_by(unit_id=unit_id))
-
-
-def devices_query(unit_id=None, name=None, online=None):
-    """The device list as ORM objects, for DevicePage: the reference device_page_answer is tested against."""
-    # docker_releases reads each device's deployments: load them for the whole page at once.
-    statement = db.select(Device).options(selectinload(Device.deployments)).order_by(Device.created_at, Device.id)
-    if unit_id is not None:
-        statement = statement.filter_by(unit_id=str(unit_id))
-    if name is not None:
-        statement = statement.filter_by(name=name)
-    if online is not None:
-        statement = statement.filter_by(online=online)
-    return statement
 
 
 # The list and retrieve answers are the API's hottest reads. They are read with Core
@@ -109,7 +94,8 @@ def device_answer(device_id: str) -> dict:
 
 
 def device_page_answer(limit: int, offset: int, unit_id=None, name=None, online=None) -> dict:
-    """The list answer `{count, next, previous, results}`: what DevicePage dumps for the page of devices_query."""
+    """The list answer `{count, next, previous, results}`: what DevicePage dumps for the page of devices
+    in creation order, filtered by whichever of unit_id, name and online is given."""
     filters = {name: value for name, value in (("unit_id", None if unit_id is None else str(unit_id)),
                                                 ("name", name), ("online", online)) if value is not None}
     count_statement, page_statement, running_statement = _page_statements(tuple(filters))

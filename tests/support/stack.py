@@ -230,6 +230,23 @@ def make_app(database_url: str, tmp_path: Path, mqtt_url: str | None = None):
     )
 
 
+def add_release_for_new_devices(count: int) -> dict:
+    """Commit `count` new devices, a project and a release targeting them all (in an app context).
+
+    Returns the device units and ids, and the project's and release's ids: what a device's reports name.
+    """
+    from fleet_server import models
+    from fleet_server.extensions import db
+
+    devices = [models.Device(name=f"d{i}") for i in range(count)]
+    project = models.Project(name="fleet")
+    release = models.Release(project=project, version="1", version_hash="0badc0de", devices=devices)
+    db.session.add_all([project, release, *devices])
+    db.session.commit()
+    return {"units": [d.unit_id for d in devices], "ids": [d.id for d in devices], "project": project.id,
+            "release": release.id}
+
+
 def close_app(application):
     from fleet_server.extensions import db
 
