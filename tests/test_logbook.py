@@ -148,10 +148,22 @@ def test_readings_of_one_device_are_never_read_as_another_s(client, auth, device
     send([voltage("2020-07-09T10:00:01Z", 1.0)], unit_id=other["unit_id"])
     assert read(client, auth, device, field="obd.bat.voltage", field_type="float").get_json() == []
     assert len(read(client, auth, other, field="obd.bat.voltage", field_type="float").get_json()) == 1
+    empty = read(client, auth, device, field="obd.bat.voltage", field_type="float", aggregation="avg", interval="10m")
+    assert (empty.status_code, empty.get_json()) == (200, [])
+
+
+def test_a_device_deleted_with_its_readings_is_unknown_to_the_logbook(client, auth, device, send):
+    send([voltage("2020-07-09T10:00:01Z", 1.0)], unit_id=device["unit_id"])
+    assert client.delete(f"/dongle/devices/{device['id']}/", headers=auth).status_code == 204
+    for extra in ({}, {"aggregation": "max", "interval": "1h"}):
+        response = read(client, auth, device, field="obd.bat.voltage", field_type="float", **extra)
+        assert response.status_code == 400
+        assert "device_id" in response.get_json()["errors"]
 
 
 @pytest.mark.parametrize("params, field", [
     ({"device_id": "no-such-device"}, "device_id"),
+    ({"device_id": "no-such-device", "aggregation": "avg", "interval": "10m"}, "device_id"),
     ({"from_utc": "2020-07-09T12:00:00Z"}, "from_utc"),
     ({"from_utc": "yesterday"}, "from_utc"),
     ({"to_utc": None}, "to_utc"),
