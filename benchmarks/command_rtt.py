@@ -177,7 +177,8 @@ def run(args) -> int:
                 time.sleep(args.poll)
 
         # Round trips, timed by the server's stamps. Nothing polls meanwhile: the client waits
-        # (blocked, no CPU) until the bystander saw the result pass, then reads the stamps.
+        # (blocked, no CPU) until the bystander saw the result pass, and `--settle` longer, so
+        # that its GET does not compete with the worker storing that result, then reads the stamps.
         for number in range(args.warmup + args.runs):
             if time.monotonic() > deadline:
                 log.warning("time budget of %.0f s spent after %d commands", args.budget, number)
@@ -185,6 +186,7 @@ def run(args) -> int:
             sent, sent_epoch = time.perf_counter(), time.time()
             created = session.post(url, json={"command": "test.ping"}, timeout=10).json()
             seen_command, seen_result = monitor.wait_for(created["id"], timeout=10)
+            time.sleep(args.settle)
             body = poll_until_final(created["id"], sent)
             if number < args.warmup:
                 continue
@@ -239,12 +241,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200, help="measured commands (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="commands before measuring (default 20)")
     parser.add_argument("--poll", type=float, default=0.005, help="seconds between a client's GETs (default 0.005)")
+    parser.add_argument("--settle", type=float, default=0.02,
+                        help="seconds the timed runs wait after the result passed the broker before reading "
+                             "the stamps (default 0.02; 0 reads at once, as before)")
     parser.add_argument("--client-runs", type=int, default=50,
                         help="commands polled for as a client would, after the timed ones (default 50)")
     parser.add_argument("--budget", type=float, default=120.0, help="stop after this many seconds (default 120)")
     args = parser.parse_args()
     if not 0 < args.runs <= 10000 or not 0 <= args.warmup <= 1000 or not 0 <= args.client_runs <= 10000:
         parser.error("--runs must be 1..10000, --warmup 0..1000 and --client-runs 0..10000")
+    if not 0 <= args.settle <= 1:
+        parser.error("--settle must be 0..1 seconds")
     return run(args)
 
 
