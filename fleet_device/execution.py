@@ -247,6 +247,9 @@ class CommandRunner:
         self._handed: queue.SimpleQueue[CommandRun] = queue.SimpleQueue()
         self._idle_threads = 0
         self._wakeup = threading.Event()
+        # When the supervisor looks next (monotonic, under `_lock`): never more than
+        # `progress_delay` away, so a new command wakes it only for what falls due sooner.
+        self._next_check = 0.0
         self._resend = threading.Event()
         self._stopping = threading.Event()
         self.abandoned = 0
@@ -313,7 +316,12 @@ class CommandRunner:
             self._active[run.id] = run
             self._waiting.append(run)
             started = self._start_waiting_locked()
-        self._wakeup.set()
+            # Its `delivered`/`running` report is due no sooner than the supervisor's next look;
+            # only a timeout shorter than that, or having to wait for a free slot, needs it sooner.
+            # Not waking it spares a thread switch on every quick command.
+            wake = run not in started or run.started_monotonic + run.timeout < self._next_check
+        if wake:
+            self._wakeup.set()
         self._report_started(started)
 
     def _answer_repeat(self, command_id: str, correlation: bytes | None):
@@ -457,7 +465,7 @@ class CommandRunner:
     def _check_runs(self) -> float:
         """Time out, expire and report progress as due; returns seconds until something is due next."""
         now = time.monotonic()
-        due = now + 1.0
+        due = now + min(1.0, self.progress_delay)
         timed_out, expired, progress = [], [], []
         with self._lock:
             for run in list(self._active.values()):
@@ -487,6 +495,7 @@ class CommandRunner:
                     else:
                         due = min(due, run.accepted_monotonic + self.progress_delay)
             started = self._start_waiting_locked()
+            self._next_check = due
         for run in timed_out:
             log.warning("command=%s name=%s still running after %.1f s: timed out", run.id, run.name, run.timeout)
             self._finish(run, "timed_out", error=_timeout_error(run.timeout))
@@ -524,8 +533,8 @@ class CommandRunner:
 
     def _track(self, command_id: str, info):
         # No wake-up of the supervisor here: the broker's acknowledgement wakes it (`published`),
-        # and it looks at least once a second anyway. Waking it now would only compete with the
-        # network thread that is about to send the result.
+        # and it looks again within `progress_delay` anyway. Waking it now would only compete with
+        # the network thread that is about to send the result.
         with self._lock:
             self._in_flight[command_id] = info
 
