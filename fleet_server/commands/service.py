@@ -289,16 +289,17 @@ def _advance_update(state: str):
     (an unfinished state of no higher rank); the columns kept are kept by the statement itself."""
     earlier = [s for s in wire.COMMAND_STATES
                if s not in wire.FINAL_COMMAND_STATES and wire.command_rank(s) <= wire.command_rank(state)]
-    final = state in wire.FINAL_COMMAND_STATES
+    now = db.bindparam("now", type_=_COLUMNS.completed_at.type)
     values = {
         "state": state,
         "device_reported_at": db.bindparam("device_reported_at"),
-        "delivered_at": db.func.coalesce(_COLUMNS.delivered_at, db.bindparam("now", type_=_COLUMNS.completed_at.type)),
-        "started_at": db.func.coalesce(db.bindparam("reported_start", type_=_COLUMNS.started_at.type), _COLUMNS.started_at),
+        "delivered_at": db.func.coalesce(_COLUMNS.delivered_at, now),
+        "started_at": db.func.coalesce(db.bindparam("reported_start", type_=_COLUMNS.started_at.type),
+                                       _COLUMNS.started_at),
     }
-    if final:
+    if state in wire.FINAL_COMMAND_STATES:
         values.update({name: db.bindparam(name) for name in ("return_value", "error", "truncated", "finished_at")},
-                      completed_at=db.bindparam("now", type_=_COLUMNS.completed_at.type), next_attempt_at=None)
+                      completed_at=now, next_attempt_at=None)
     return (
         db.update(Command.__table__)
         .where(_COLUMNS.id == db.bindparam("command_id"), _COLUMNS.device_id == db.bindparam("of_device"),
