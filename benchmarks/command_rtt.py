@@ -9,11 +9,15 @@ from this checkout, then posts `test.ping` `--runs` times one after another and 
   so polling does not blur them, split at the agent's started_at/finished_at;
 - POST sent (the client's clock) → completed_at: the same, plus HTTP, the token check and
   the request's parsing (one machine, one clock);
-- hop by hop: when a bystander client (in a process of its own) saw the command and the
-  result pass the broker, its own delivery included;
+- hop by hop: when a bystander (`mosquitto_sub`, stamping each arrival) saw the command and
+  the result pass the broker, its own delivery included;
 - client-side, in a second phase (`--client-runs`): POST sent → a GET first shows the final
-  state (polled every `--poll` s). The first phase does not poll: a client's GETs would
-  compete for the same two cores as the round trip they measure.
+  state (polled every `--poll` s).
+
+The timed phase stands for a client on another machine: after the POST is answered it sleeps
+`--settle` seconds, then reads the stamps (polling only if the result is not stored yet), so
+neither its GETs nor a watcher written in Python compete for the two cores during the round
+trip they measure. The bystander is a C program whose output is read at the end.
 
 Bounded: at most `--runs` commands (default 200) and `--budget` seconds (default 120).
 Nothing leaves loopback; everything lives in a temporary directory removed at the end.
@@ -25,12 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
-import queue
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,9 +40,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import requests
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from harness import answers, free_port, percentile, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 
@@ -77,51 +76,41 @@ class Processes:
 
 
 class Monitor:
-    """A bystander client on the command and result topics: when each message passed the broker.
+    """A bystander on the command and result topics: when each message passed the broker.
 
-    It runs in a process of its own: in this one the polling loop would hold the interpreter
-    lock and delay its timestamps.
+    `mosquitto_sub` stamps every arrival (its own delivery included) and writes it to a file
+    that is read only at the end, so watching costs the round trips next to no CPU.
     """
 
-    def __init__(self, port: int):
-        self.arrivals: dict[tuple[str, str], float] = {}
-        self.events = multiprocessing.Queue()
-        self.ready = multiprocessing.Event()
-        self.process = multiprocessing.Process(target=_watch, args=(port, self.events, self.ready), daemon=True)
-        self.process.start()
-        if not self.ready.wait(10):
-            raise RuntimeError("the monitoring client did not subscribe within 10 s")
+    def __init__(self, port: int, directory: Path, processes: Processes):
+        self.process = processes.start("bystander", [
+            "mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-q", "0", "-F", r"%U %t %p\n",
+            "-t", "fleet/v1/devices/+/commands", "-t", "fleet/v1/devices/+/results"], dict(os.environ))
+        self.output_file = directory / "bystander.log"
+        self.probe_topic = "fleet/v1/devices/00000000-0000-0000-0000-000000000000/commands"
+        deadline = time.monotonic() + 10
+        # Subscribed once it prints a probe published after it started.
+        while time.monotonic() < deadline:
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", self.probe_topic,
+                            "-m", '{"id": "probe"}'], check=True, timeout=10)
+            time.sleep(0.2)
+            if b"probe" in self.output_file.read_bytes():
+                return
+        raise RuntimeError("the bystander did not subscribe within 10 s")
 
-    def wait_for(self, command_id: str, timeout: float = 1.0) -> tuple[float | None, float | None]:
-        deadline = time.monotonic() + timeout
-        while ("results", command_id) not in self.arrivals:
-            try:
-                kind, arrived_id, when = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            self.arrivals.setdefault((kind, arrived_id), when)
-        return self.arrivals.get(("commands", command_id)), self.arrivals.get(("results", command_id))
-
-    def close(self):
+    def arrivals(self) -> dict[tuple[str, str], float]:
+        """(kind, command id) → when it passed the broker; for results, when the final one did."""
         self.process.terminate()
-        self.process.join(5)
-
-
-def _watch(port: int, events, ready):
-    def on_message(client, userdata, message):
-        now = time.time()
-        kind = message.topic.rsplit("/", 1)[-1]
-        body = json.loads(message.payload)
-        if kind == "commands" or body.get("state") in ("succeeded", "failed"):
-            events.put((kind, str(body["id"]), now))
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-monitor", protocol=MQTTProtocolVersion.MQTTv5)
-    client.on_socket_open = lambda c, userdata, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client.on_message = on_message
-    client.on_subscribe = lambda *args: ready.set()
-    client.connect("127.0.0.1", port)
-    client.subscribe([("fleet/v1/devices/+/commands", 0), ("fleet/v1/devices/+/results", 0)])
-    client.loop_forever()
+        self.process.wait(10)
+        seen: dict[tuple[str, str], float] = {}
+        for line in self.output_file.read_text().splitlines():
+            if not line.strip():
+                continue
+            when, topic, payload = line.split(" ", 2)
+            kind, body = topic.rsplit("/", 1)[-1], json.loads(payload)
+            if kind == "commands" or body.get("state") in ("succeeded", "failed"):
+                seen.setdefault((kind, str(body["id"])), float(when))
+        return seen
 
 
 def run(args) -> int:
@@ -157,14 +146,12 @@ def run(args) -> int:
         wait_for(lambda: answers(base + "/health"), 60, "the server")
         wait_for(lambda: answers(f"http://127.0.0.1:{api_port}/"), 60, "the agent")
 
-        monitor = Monitor(broker_port)
+        monitor = Monitor(broker_port, work, processes)
         session = requests.Session()
         session.headers["Authorization"] = f"APIToken {token}"
         url = f"{base}/dongle/devices/{device_id}/execute/"
-        server_side, client_side, to_agent, from_agent, failures = [], [], [], [], 0
-        post_to_stored = []  # the client's clock when it sent the POST → the server's when it stored (one machine)
-        hops = {name: [] for name in ("created → on the broker", "on the broker → agent starts",
-                                      "agent done → result on the broker", "result on the broker → stored")}
+        client_side, failures = [], 0
+        timed = []  # (command id, the client's clock when it sent the POST, the stored command)
         deadline = time.monotonic() + args.budget
 
         def poll_until_final(command_id: str, sent: float) -> dict:
@@ -176,33 +163,18 @@ def run(args) -> int:
                     raise RuntimeError(f"command {command_id} did not finish within 10 s: {body}")
                 time.sleep(args.poll)
 
-        # Round trips, timed by the server's stamps. Nothing polls meanwhile: the client waits
-        # (blocked, no CPU) until the bystander saw the result pass, then reads the stamps.
+        # Round trips, timed by the server's stamps. Nothing runs beside them: the client sleeps
+        # `--settle` after the POST answered, then reads the stamps.
         for number in range(args.warmup + args.runs):
             if time.monotonic() > deadline:
                 log.warning("time budget of %.0f s spent after %d commands", args.budget, number)
                 break
             sent, sent_epoch = time.perf_counter(), time.time()
             created = session.post(url, json={"command": "test.ping"}, timeout=10).json()
-            seen_command, seen_result = monitor.wait_for(created["id"], timeout=10)
+            time.sleep(args.settle)
             body = poll_until_final(created["id"], sent)
-            if number < args.warmup:
-                continue
-            if body["state"] != "succeeded":
-                failures += 1
-                continue
-            created_at, started_at, finished_at, completed_at = (
-                datetime.fromisoformat(body[key]) for key in ("created_at", "started_at", "finished_at", "completed_at")
-            )
-            server_side.append((completed_at - created_at).total_seconds())
-            post_to_stored.append(completed_at.timestamp() - sent_epoch)
-            if seen_command and seen_result:
-                hops["created → on the broker"].append(seen_command - created_at.timestamp())
-                hops["on the broker → agent starts"].append(started_at.timestamp() - seen_command)
-                hops["agent done → result on the broker"].append(seen_result - finished_at.timestamp())
-                hops["result on the broker → stored"].append(completed_at.timestamp() - seen_result)
-            to_agent.append((started_at - created_at).total_seconds())
-            from_agent.append((completed_at - finished_at).total_seconds())
+            if number >= args.warmup:
+                timed.append((created["id"], sent_epoch, body))
 
         # What a client sees: POST, then GET every --poll seconds until the result shows.
         for number in range(args.client_runs):
@@ -214,6 +186,28 @@ def run(args) -> int:
                 client_side.append(time.perf_counter() - sent)
             else:
                 failures += 1
+        arrivals = monitor.arrivals()
+        server_side, post_to_stored, to_agent, from_agent = [], [], [], []
+        hops = {name: [] for name in ("created → on the broker", "on the broker → agent starts",
+                                      "agent done → result on the broker", "result on the broker → stored")}
+        for command_id, sent_epoch, body in timed:
+            if body["state"] != "succeeded":
+                failures += 1
+                continue
+            created_at, started_at, finished_at, completed_at = (
+                datetime.fromisoformat(body[key]).timestamp()
+                for key in ("created_at", "started_at", "finished_at", "completed_at")
+            )
+            server_side.append(completed_at - created_at)
+            post_to_stored.append(completed_at - sent_epoch)
+            to_agent.append(started_at - created_at)
+            from_agent.append(completed_at - finished_at)
+            seen_command, seen_result = arrivals.get(("commands", command_id)), arrivals.get(("results", command_id))
+            if seen_command and seen_result:
+                hops["created → on the broker"].append(seen_command - created_at)
+                hops["on the broker → agent starts"].append(started_at - seen_command)
+                hops["agent done → result on the broker"].append(seen_result - finished_at)
+                hops["result on the broker → stored"].append(completed_at - seen_result)
         print(f"test.ping round trips through a real broker, server, worker and agent ({os.cpu_count()} CPUs)")
         print(summary("created → result stored (server)", server_side))
         print(summary("  of which created → agent starts", to_agent))
@@ -225,7 +219,6 @@ def run(args) -> int:
         for name, values in hops.items():
             if values:
                 print(summary("  " + name, values))
-        monitor.close()
         print(f"failed: {failures}")
         return 0 if server_side and not failures else 1
     finally:
@@ -239,12 +232,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200, help="measured commands (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="commands before measuring (default 20)")
     parser.add_argument("--poll", type=float, default=0.005, help="seconds between a client's GETs (default 0.005)")
+    parser.add_argument("--settle", type=float, default=0.03,
+                        help="seconds the timed runs wait after the POST answered before reading the stamps "
+                             "(default 0.03; they poll every --poll s if the result is not stored by then)")
     parser.add_argument("--client-runs", type=int, default=50,
                         help="commands polled for as a client would, after the timed ones (default 50)")
     parser.add_argument("--budget", type=float, default=120.0, help="stop after this many seconds (default 120)")
     args = parser.parse_args()
     if not 0 < args.runs <= 10000 or not 0 <= args.warmup <= 1000 or not 0 <= args.client_runs <= 10000:
         parser.error("--runs must be 1..10000, --warmup 0..1000 and --client-runs 0..10000")
+    if not 0 <= args.settle <= 1:
+        parser.error("--settle must be 0..1 seconds")
     return run(args)
 
 

@@ -20,7 +20,9 @@ ids accepted that never got a result: the agent stopped while they ran, so they 
 failed. Past a bound it is rewritten atomically with only what is still needed.
 
 Each command runs in a thread of its own, at most `max_parallel` at once, never on the MQTT
-network thread or the agent's message thread, so a long deploy does not hold up a ping. One
+network thread or the agent's message thread, so a long deploy does not hold up a ping. A thread
+that finished a command waits a while for the next one: handing a command to a waiting thread
+is quicker than starting one (which waits for the new thread to run). One
 supervisor thread enforces timeouts (the command is reported `timed_out` and its late result
 discarded: Python cannot kill a thread, so it is left to finish in the background), reports
 `delivered`/`running` for commands that take a while, and resends what is unacknowledged.
@@ -31,6 +33,7 @@ import collections
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +48,8 @@ from .state import write_atomically
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 256 * 1024
+# A command thread with nothing to run ends after this many seconds.
+IDLE_THREAD_SECONDS = 60.0
 
 
 # --- output ------------------------------------------------------------------------------
@@ -237,7 +242,14 @@ class CommandRunner:
         self._waiting: collections.deque[CommandRun] = collections.deque()
         self._running = 0
         self._in_flight: dict[str, object] = {}  # command id → paho MQTTMessageInfo of its result
+        # Commands handed to the command threads, and how many threads wait for one and are not
+        # yet promised one (both under `_lock`): a thread is started only when none waits.
+        self._handed: queue.SimpleQueue[CommandRun] = queue.SimpleQueue()
+        self._idle_threads = 0
         self._wakeup = threading.Event()
+        # When the supervisor looks next (monotonic, under `_lock`): never more than
+        # `progress_delay` away, so a new command wakes it only for what falls due sooner.
+        self._next_check = 0.0
         self._resend = threading.Event()
         self._stopping = threading.Event()
         self.abandoned = 0
@@ -304,7 +316,12 @@ class CommandRunner:
             self._active[run.id] = run
             self._waiting.append(run)
             started = self._start_waiting_locked()
-        self._wakeup.set()
+            # Its `delivered`/`running` report is due no sooner than the supervisor's next look;
+            # only a timeout shorter than that, or having to wait for a free slot, needs it sooner.
+            # Not waking it spares a thread switch on every quick command.
+            wake = run not in started or run.started_monotonic + run.timeout < self._next_check
+        if wake:
+            self._wakeup.set()
         self._report_started(started)
 
     def _answer_repeat(self, command_id: str, correlation: bytes | None):
@@ -383,7 +400,28 @@ class CommandRunner:
             if run.progress_reported:  # it was reported `delivered` while it waited
                 self._publish(self._result(run.id, "running", started_at=run.started_at), run.correlation,
                               kept=False)
-            threading.Thread(target=self._run, args=(run,), name=f"command-{run.id[:8]}", daemon=True).start()
+            with self._lock:
+                start_one = self._idle_threads == 0
+                if not start_one:
+                    self._idle_threads -= 1  # that waiting thread takes this command
+            self._handed.put(run)
+            if start_one:
+                threading.Thread(target=self._serve, name="command-runner", daemon=True).start()
+
+    def _serve(self):
+        """A command thread: runs the commands handed to it, ends after IDLE_THREAD_SECONDS without one."""
+        while True:
+            try:
+                run = self._handed.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle_threads > 0:  # not promised a command: leave
+                        self._idle_threads -= 1
+                        return
+                continue  # promised one just now: it is on its way
+            self._run(run)
+            with self._lock:
+                self._idle_threads += 1
 
     def _run(self, run: CommandRun):
         outcome = self._execute(run.name, run.arg, run.kwarg)
@@ -427,7 +465,7 @@ class CommandRunner:
     def _check_runs(self) -> float:
         """Time out, expire and report progress as due; returns seconds until something is due next."""
         now = time.monotonic()
-        due = now + 1.0
+        due = now + min(1.0, self.progress_delay)
         timed_out, expired, progress = [], [], []
         with self._lock:
             for run in list(self._active.values()):
@@ -457,6 +495,7 @@ class CommandRunner:
                     else:
                         due = min(due, run.accepted_monotonic + self.progress_delay)
             started = self._start_waiting_locked()
+            self._next_check = due
         for run in timed_out:
             log.warning("command=%s name=%s still running after %.1f s: timed out", run.id, run.name, run.timeout)
             self._finish(run, "timed_out", error=_timeout_error(run.timeout))
@@ -493,9 +532,11 @@ class CommandRunner:
         self._publish(result, run.correlation, kept)
 
     def _track(self, command_id: str, info):
+        # No wake-up of the supervisor here: the broker's acknowledgement wakes it (`published`),
+        # and it looks again within `progress_delay` anyway. Waking it now would only compete with
+        # the network thread that is about to send the result.
         with self._lock:
             self._in_flight[command_id] = info
-        self._wakeup.set()
 
     def _publish(self, result: dict, correlation: bytes | None, kept: bool):
         """Send a report; a final result `kept` in the journal is marked acknowledged once the broker has it."""

@@ -280,6 +280,50 @@ def test_commands_beyond_the_parallel_limit_wait_as_delivered_then_run(agent, ru
     assert [r["state"] for r in agent.client.results(waiting.id)] == ["delivered", "running", "succeeded"]
 
 
+def test_a_command_thread_that_finished_takes_the_next_command_and_ends_when_left_idle(agent, tmp_path, monkeypatch):
+    from fleet_device import execution
+
+    monkeypatch.setattr(execution, "IDLE_THREAD_SECONDS", 0.3)
+    threads = []
+
+    @commands.command("test.thread")
+    def thread(agent):
+        threads.append(threading.current_thread())
+        return True
+
+    running = CommandRunner(agent, tmp_path / "commands")
+    running.start()
+    try:
+        for _ in range(3):
+            message = _message(agent.unit_id, "test.thread")
+            running.handle_message(None, message)
+            assert _final(agent, message.id)[0]["state"] == "succeeded"
+        assert len(threads) == 3 and len(set(threads)) == 1  # one thread served them one after another
+        eventually(lambda: not threads[0].is_alive(), 5, 0.05, message="the idle command thread to end")
+        message = _message(agent.unit_id, "test.thread")
+        running.handle_message(None, message)
+        assert _final(agent, message.id)[0]["state"] == "succeeded" and threads[-1] is not threads[0]
+    finally:
+        running.stop()
+        commands.COMMANDS.pop("test.thread", None)
+
+
+def test_a_timeout_shorter_than_the_supervisors_next_look_is_enforced_on_time(agent, tmp_path, slow_command):
+    """The supervisor looks at least once a second; a new command wakes it only for what falls
+    due before that, like this timeout of 0.1 s."""
+    running = CommandRunner(agent, tmp_path / "commands", progress_delay=30)
+    running.start()
+    try:
+        time.sleep(0.1)  # the supervisor has looked and sleeps until its next look, a second away
+        slow = _message(agent.unit_id, "test.wait", [30], timeout=0.1)
+        accepted = time.monotonic()
+        running.handle_message(None, slow)
+        (result,) = _final(agent, slow.id)
+        assert result["state"] == "timed_out" and time.monotonic() - accepted < 0.8
+    finally:
+        running.stop()
+
+
 def test_an_unknown_command_fails_naming_it(agent, runner):
     message = _message(agent.unit_id, "no.such")
     runner.handle_message(None, message)

@@ -123,19 +123,50 @@ def test_a_structured_return_value_reads_back_exactly_as_the_device_sent_it(app,
     assert body["started_at"] <= body["finished_at"] and body["delivered_at"] <= body["completed_at"]
 
 
+def test_a_report_that_moves_a_command_forward_is_stored_by_one_update_without_a_read(app, client, auth, device):
+    """The usual report (progress, then the final result) is one guarded UPDATE in the report's
+    transaction: no read of the command, no savepoint for a report that arrives by itself."""
+    from sqlalchemy import event
+
+    command = _execute(client, auth, device, command="test.ping").get_json()
+    statements = []
+
+    def note(connection, cursor, statement, parameters, context, executemany):
+        statements.append(" ".join(statement.split()[:2]).upper())
+
+    with app.app_context():
+        event.listen(db.engine, "after_cursor_execute", note)
+        try:
+            assert _result(app, device, command["id"], "running", started_at=time.time())
+            assert _result(app, device, command["id"], "succeeded", **{"return": True}, started_at=time.time(),
+                           finished_at=time.time())
+        finally:
+            event.remove(db.engine, "after_cursor_execute", note)
+    # Per report: BEGIN IMMEDIATE on SQLite, the device by its unit_id, the command's UPDATE.
+    commands_touched = [statement for statement in statements if "COMMAND" in statement or "SAVEPOINT" in statement]
+    assert commands_touched == ["UPDATE COMMAND"] * 2, statements
+    stored = _stored(app, command["id"])
+    assert stored.state == "succeeded" and stored.return_value is True and stored.completed_at is not None
+
+
 def test_a_result_stored_by_another_worker_between_the_read_and_the_write_is_not_overwritten(
     app, client, auth, device
 ):
-    """Two workers may hold reports on one command at once. Right after this worker read the
-    command, another one stores the final result for real, on its own connection. PostgreSQL
-    lets it: this worker's guarded write then matches nothing and it decides again on what the
-    other stored. SQLite cannot interleave them: a batch holds the write lock from its first read,
-    so the other writer is refused until it ends."""
+    """A report that does not simply move the command forward is decided on a read of it, then
+    written guarded by the state read: here a late result for a command the server marked
+    `expired`. Right after this worker read the command, another one stores the device's final
+    result for real, on its own connection. PostgreSQL lets it: this worker's guarded write then
+    matches nothing and it decides again on what the other stored. SQLite cannot interleave them:
+    a batch holds the write lock from its first statement, so the other writer is refused until
+    it ends."""
     import sqlite3
 
     from sqlalchemy import event
 
     command = _execute(client, auth, device, command="test.ping").get_json()
+    with app.app_context():
+        service.expire_overdue(utcnow() + timedelta(hours=2))
+    assert _stored(app, command["id"]).state == "expired"
     with app.app_context():
         engine = db.engine
         sqlite = engine.dialect.name == "sqlite"
@@ -144,11 +175,12 @@ def test_a_result_stored_by_another_worker_between_the_read_and_the_write_is_not
         def other_worker_stores_the_result(connection, cursor, statement, parameters, context, executemany):
             if attempts or not statement.lstrip().upper().startswith("SELECT") or "device_reported_at" not in statement:
                 return
-            final = {"state": "succeeded", "device_reported_at": time.time(), "completed_at": utcnow()}
+            final = {"state": "failed", "error": "from the other worker", "device_reported_at": time.time(),
+                     "completed_at": utcnow()}
             if sqlite:
                 other = sqlite3.connect(engine.url.database, timeout=0.2)
                 try:
-                    other.execute("UPDATE command SET state = 'succeeded' WHERE id = ?", (command["id"],))
+                    other.execute("UPDATE command SET state = 'failed' WHERE id = ?", (command["id"],))
                     other.commit()
                     attempts.append("stored")
                 except sqlite3.OperationalError as exc:
@@ -162,13 +194,14 @@ def test_a_result_stored_by_another_worker_between_the_read_and_the_write_is_not
 
         event.listen(engine, "after_cursor_execute", other_worker_stores_the_result)
         try:
-            assert _result(app, device, command["id"], "running", started_at=time.time())
+            assert _result(app, device, command["id"], "succeeded", **{"return": True})
         finally:
             event.remove(engine, "after_cursor_execute", other_worker_stores_the_result)
+    stored = _stored(app, command["id"])
     if sqlite:
-        assert attempts == ["database is locked"] and _stored(app, command["id"]).state == "running"
+        assert attempts == ["database is locked"] and stored.state == "succeeded" and stored.return_value is True
     else:
-        assert attempts == ["stored"] and _stored(app, command["id"]).state == "succeeded"
+        assert attempts == ["stored"] and stored.state == "failed" and stored.error == "from the other worker"
 
 
 def test_a_result_on_another_devices_topic_cannot_complete_the_command(app, client, auth, device, other_device):

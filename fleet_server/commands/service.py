@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 from flask import current_app
 from paho.mqtt.packettypes import PacketTypes
@@ -36,8 +37,14 @@ EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; 
 
 # --- creating and reading ------------------------------------------------------
 
+# Built once: building a statement costs more than running it, and nothing else should sit
+# between a command's creation and its publication.
+_UNIT_ID_OF = db.select(Device.unit_id).where(Device.id == db.bindparam("device_pk"))
+_INSERT_COMMAND = db.insert(Command.__table__)
+
+
 def create_command(device_pk: str, data: dict) -> Command:
-    unit_id = db.session.scalar(db.select(Device.unit_id).where(Device.id == device_pk))
+    unit_id = db.session.scalar(_UNIT_ID_OF, {"device_pk": device_pk})
     if unit_id is None:
         raise ValidationError("device_pk", f"device {device_pk} does not exist")
     size = len(json.dumps([data["arg"], data["kwarg"]], separators=(",", ":")))
@@ -62,13 +69,15 @@ def create_command(device_pk: str, data: dict) -> Command:
         "attempts": 1,
         "next_attempt_at": now + retry_interval(1),
     }
-    # One INSERT rather than the ORM's unit of work, and no reload after the commit: nothing
-    # stands between the commit and the publication. The response shows the command as it was
-    # created, whatever a worker stores meanwhile.
-    db.session.execute(db.insert(Command), row)
+    # One prepared INSERT on the table rather than the ORM's unit of work or bulk insert, and no
+    # reload after the commit: nothing stands between the commit and the publication. The
+    # response shows the command as it was created, whatever a worker stores meanwhile.
+    db.session.connection().execute(_INSERT_COMMAND, row)
     db.session.commit()
+    # Published from the row's values: the ORM object for the response is built afterwards.
+    published = _publish_now(SimpleNamespace(**row), unit_id)
     command = Command(**row)
-    if not _publish_now(command, unit_id):
+    if not published:
         _mark_unpublished(command)
     return command
 
@@ -136,7 +145,7 @@ def _mark_published(command: Command, when: datetime):
     db.session.commit()
 
 
-def _publish_now(command: Command, unit_id: str) -> bool:
+def _publish_now(command, unit_id: str) -> bool:
     """Hand a just-committed command to the broker; False if it did not take it."""
     from ..mqtt import publisher_for
 
@@ -237,11 +246,16 @@ def record_result(device: Device, report: dict) -> None:
     """Store a device's report on one of its commands. The topic named the device, so a
     report can only ever touch that device's commands.
 
-    One read of the few columns that decide, then one UPDATE guarded by the state that was
-    read, with no ORM object loaded. When another worker stored a report on the same command
-    in between, the guard matches nothing and the decision is taken again on what it stored.
+    The usual report moves an unfinished command of this device forward: one UPDATE whose
+    condition is that rule stores it, with no read before it. Anything else (a duplicate, late
+    progress, a command marked `expired`, another device's command) matches nothing; then one
+    read of the few columns that decide, and an UPDATE guarded by the state that was read.
+    When another worker stored a report on the same command in between, the guard matches
+    nothing and the decision is taken again on what it stored.
     """
     command_id = str(report["id"])
+    if _advance(device, command_id, report):
+        return
     for _attempt in range(5):
         if _update_from_report(device, command_id, report):
             return
@@ -268,6 +282,49 @@ def _report_update(fields):
 
 
 _STORE_PROGRESS, _STORE_FINAL = _report_update(_PROGRESS_FIELDS), _report_update(_FINAL_FIELDS)
+
+
+def _advance_update(state: str):
+    """The UPDATE storing a report of `state` on a command of this device that it moves forward
+    (an unfinished state of no higher rank); the columns kept are kept by the statement itself."""
+    earlier = [s for s in wire.COMMAND_STATES
+               if s not in wire.FINAL_COMMAND_STATES and wire.command_rank(s) <= wire.command_rank(state)]
+    now = db.bindparam("now", type_=_COLUMNS.completed_at.type)
+    values = {
+        "state": state,
+        "device_reported_at": db.bindparam("device_reported_at"),
+        "delivered_at": db.func.coalesce(_COLUMNS.delivered_at, now),
+        "started_at": db.func.coalesce(db.bindparam("reported_start", type_=_COLUMNS.started_at.type),
+                                       _COLUMNS.started_at),
+    }
+    if state in wire.FINAL_COMMAND_STATES:
+        values.update({name: db.bindparam(name) for name in ("return_value", "error", "truncated", "finished_at")},
+                      completed_at=now, next_attempt_at=None)
+    return (
+        db.update(Command.__table__)
+        .where(_COLUMNS.id == db.bindparam("command_id"), _COLUMNS.device_id == db.bindparam("of_device"),
+               _COLUMNS.state.in_(earlier))
+        .values(values)
+    )
+
+
+_ADVANCE = {state: _advance_update(state) for state in wire.COMMAND_REPORT_STATES}
+
+
+def _advance(device: Device, command_id: str, report: dict) -> bool:
+    """Store the report if it moves an unfinished command of this device forward; False if it does not."""
+    state = report["state"]
+    values = {
+        "command_id": command_id,
+        "of_device": device.id,
+        "device_reported_at": report["ts"],
+        "reported_start": _moment(report["started_at"]),
+    }
+    if state in wire.FINAL_COMMAND_STATES:
+        values.update(return_value=report["return_value"], error=report["error"], truncated=report["truncated"],
+                      finished_at=_moment(report["finished_at"]))
+    values["now"] = utcnow()
+    return db.session.connection().execute(_ADVANCE[state], values).rowcount == 1
 
 
 def _update_from_report(device: Device, command_id: str, report: dict) -> bool:
