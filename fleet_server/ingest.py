@@ -16,7 +16,7 @@ class Rejected(Exception):
     """A well-formed message that does not fit the device or release it names."""
 
 
-def record_deployment(device: Device, report: dict) -> Deployment:
+def record_deployment(device, report: dict) -> Deployment:
     release = db.session.get(Release, report["release_id"])
     if release is None or release.project_id != report["project_id"]:
         raise Rejected(f"release {report['release_id']} of project {report['project_id']} does not exist")
@@ -42,7 +42,7 @@ def record_deployment(device: Device, report: dict) -> Deployment:
     return deployment
 
 
-def _supersede_others(device: Device, release: Release):
+def _supersede_others(device, release: Release):
     """A device runs one release per project: the others it ran are no longer deployed."""
     others = db.session.scalars(
         db.select(Deployment)
@@ -59,19 +59,33 @@ def _supersede_others(device: Device, release: Release):
         other.detail = f"replaced by release {release.id}"
 
 
-def record_status(device: Device, status: dict):
-    device.online = status["state"] == "online"
-    device.last_seen_at = datetime.now(timezone.utc)
-    if status.get("agent_version"):
-        device.agent_version = status["agent_version"]
+_device = Device.__table__
+# Built once: building a statement cost more than running it.
+_STORE_STATUS = (
+    db.update(_device)
+    .where(_device.c.id == db.bindparam("device_id"))
+    .values(online=db.bindparam("online"), last_seen_at=db.bindparam("seen"),
+            # A status without the agent's version keeps the one known.
+            agent_version=db.func.coalesce(db.bindparam("agent_version", type_=_device.c.agent_version.type),
+                                           _device.c.agent_version))
+)
 
 
-def record_command_result(device: Device, result: dict):
+def record_status(device, status: dict):
+    db.session.connection().execute(_STORE_STATUS, {
+        "device_id": device.id, "online": status["state"] == "online", "seen": datetime.now(timezone.utc),
+        "agent_version": status.get("agent_version") or None,
+    })
+
+
+def record_command_result(device, result: dict):
     from .commands.service import record_result  # imported late: the commands package imports this module
 
     return record_result(device, result)
 
 
+# Each handler is called with the device the topic names, as a row of its id and unit_id
+# (all any of them needs), and the decoded message; it writes in the caller's transaction.
 _HANDLERS = {
     "deployments": (wire.deployment_report, record_deployment),
     "status": (wire.status_message, record_status),
@@ -108,8 +122,9 @@ def handle_batch(messages) -> list[bool]:
     if not wanted:
         return [entry is not None for entry in decoded]
     _begin_writing()
+    # Handlers are given the device as an (id, unit_id) row: none needs more of it.
     devices = {device.unit_id: device
-               for device in db.session.scalars(_DEVICES_BY_UNIT_ID, {"unit_ids": list(wanted)})}
+               for device in db.session.connection().execute(_DEVICES_BY_UNIT_ID, {"unit_ids": list(wanted)})}
     # A lone message needs no savepoint: if it is rejected, undoing the whole transaction undoes
     # only its writes. That spares two statements on every report that arrives by itself.
     lone = len(messages) == 1
@@ -136,8 +151,8 @@ def handle_batch(messages) -> list[bool]:
     return verdicts
 
 
-# Built once: building the statement cost more than running it.
-_DEVICES_BY_UNIT_ID = db.select(Device).where(Device.unit_id.in_(db.bindparam("unit_ids", expanding=True)))
+_DEVICES_BY_UNIT_ID = db.select(_device.c.id, _device.c.unit_id).where(
+    _device.c.unit_id.in_(db.bindparam("unit_ids", expanding=True)))
 
 
 def _decode(topic: str, payload: bytes):

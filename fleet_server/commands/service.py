@@ -242,7 +242,7 @@ def _moment(epoch: float | None) -> datetime | None:
         raise Rejected(f"timestamp {epoch!r} is out of range") from None
 
 
-def record_result(device: Device, report: dict) -> None:
+def record_result(device, report: dict) -> None:
     """Store a device's report on one of its commands. The topic named the device, so a
     report can only ever touch that device's commands.
 
@@ -311,7 +311,7 @@ def _advance_update(state: str):
 _ADVANCE = {state: _advance_update(state) for state in wire.COMMAND_REPORT_STATES}
 
 
-def _advance(device: Device, command_id: str, report: dict) -> bool:
+def _advance(device, command_id: str, report: dict) -> bool:
     """Store the report if it moves an unfinished command of this device forward; False if it does not."""
     state = report["state"]
     values = {
@@ -327,7 +327,7 @@ def _advance(device: Device, command_id: str, report: dict) -> bool:
     return db.session.connection().execute(_ADVANCE[state], values).rowcount == 1
 
 
-def _update_from_report(device: Device, command_id: str, report: dict) -> bool:
+def _update_from_report(device, command_id: str, report: dict) -> bool:
     """False when the command's state changed between the read and the write."""
     current = db.session.execute(_READ_FOR_REPORT, {"command_id": command_id}).first()
     if current is None or current.device_id != device.id:

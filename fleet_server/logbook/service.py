@@ -21,7 +21,7 @@ _EPOCH = datetime(1970, 1, 1)
 _AGGREGATES = {"avg": func.avg, "min": func.min, "max": func.max, "sum": func.sum}
 
 
-def record_telemetry(device: Device, batch: dict) -> bool:
+def record_telemetry(device, batch: dict) -> bool:
     """Add a batch's readings to the caller's transaction; False when the batch was stored before."""
     seen = db.session.scalar(
         db.select(TelemetryBatch.id).filter_by(device_id=device.id, batch_id=batch["batch_id"])
