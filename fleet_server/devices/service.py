@@ -2,9 +2,8 @@
 import functools
 import logging
 
-from sqlalchemy.types import NullType
-
 from .. import broker_accounts, outbox
+from ..driver_statements import DriverStatement
 from ..errors import Conflict, NotFound
 from ..extensions import db
 from ..models import Deployment, Device, Release, release_devices
@@ -47,18 +46,18 @@ def device_by_unit_id(unit_id: str) -> Device | None:
 
 
 # The list and retrieve answers are the API's hottest reads. They are read with Core
-# statements built once (plain rows: building a statement or loading ORM entities cost
-# more than running the query) and written by schemas.device_json, which produces the JSON
-# text DeviceSchema would. Their columns come back as the driver hands them (NullType: no
-# result processing), which device_json reads on every database: converting timestamps
-# and tags to Python values only to write them out again cost more than the query.
+# statements built once and run on the driver (DriverStatement: building a statement,
+# loading ORM entities or SQLAlchemy's result processing cost more than running the query),
+# and written by schemas.device_json straight from the driver's values as the JSON text
+# DeviceSchema would give: converting timestamps and tags to Python values only to write
+# them out again cost more than the query too.
 _device = Device.__table__
 _deployment = Deployment.__table__
-_document_columns = [db.type_coerce(_device.c[name], NullType()).label(name) for name in DOCUMENT_COLUMNS]
+_document_columns = [_device.c[name] for name in DOCUMENT_COLUMNS]
 _running = _deployment.c.state == "succeeded"
 _COLUMN_COUNT = len(DOCUMENT_COLUMNS)
 
-_DEVICE_WITH_RUNNING_RELEASES = (
+_DEVICE_WITH_RUNNING_RELEASES = DriverStatement(
     db.select(*_document_columns, _deployment.c.release_id)
     .outerjoin(_deployment, (_deployment.c.device_id == _device.c.id) & _running)
     .where(_device.c.id == db.bindparam("device_id"))
@@ -93,15 +92,16 @@ def _page_statements(filters: tuple[str, ...]):
         .where(_running, _deployment.c.device_id.in_(page(_device.c.id).scalar_subquery()))
         .order_by(_deployment.c.release_id)
     )
-    return page(*_document_columns, count.scalar_subquery().label("total")), running, count
+    return (DriverStatement(page(*_document_columns, count.scalar_subquery().label("total"))),
+            DriverStatement(running), DriverStatement(count))
 
 
 def device_answer_json(device_id: str) -> str:
     """The retrieve answer as JSON text: the device as DeviceSchema dumps it, read in one query."""
-    rows = db.session.connection().execute(_DEVICE_WITH_RUNNING_RELEASES, {"device_id": device_id}).all()
+    rows = _DEVICE_WITH_RUNNING_RELEASES.rows(db.session.connection(), {"device_id": device_id})
     if not rows:
         raise NotFound(f"device {device_id} does not exist")
-    return device_json(rows[0][:_COLUMN_COUNT], [row.release_id for row in rows if row.release_id is not None])
+    return device_json(rows[0][:_COLUMN_COUNT], [row[-1] for row in rows if row[-1] is not None])
 
 
 def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=None) -> str:
@@ -112,11 +112,11 @@ def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=No
     page_statement, running_statement, count_statement = _page_statements(tuple(filters))
     connection = db.session.connection()
     parameters = {**filters, "limit": limit, "offset": offset}
-    devices = connection.execute(page_statement, parameters).all()
+    devices = page_statement.rows(connection, parameters)
     if not devices:  # past the last device, or none matches
-        return page_json(connection.scalar(count_statement, filters), limit, offset, [])
+        return page_json(count_statement.rows(connection, filters)[0][0], limit, offset, [])
     running = {device[0]: [] for device in devices}
-    for device_id, release_id in connection.execute(running_statement, parameters):
+    for device_id, release_id in running_statement.rows(connection, parameters):
         # A device another request added to the page in between is not on this one.
         if device_id in running:
             running[device_id].append(release_id)
