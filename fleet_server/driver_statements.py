@@ -8,8 +8,18 @@ same transaction); its rows are the driver's own tuples, with the values as the 
 hands them: on SQLite text timestamps and JSON and 0/1 booleans, on PostgreSQL (psycopg)
 datetimes, parsed JSON and booleans. The reader must take both.
 """
+from datetime import datetime, timezone
+
 from sqlalchemy import Connection
 from sqlalchemy.sql import Executable
+
+
+def utc_timestamp(value) -> datetime:
+    """A models.UTCDateTime value as a driver hands it (SQLite: the stored text; psycopg: a naive datetime), as
+    the aware datetime SQLAlchemy would give."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=timezone.utc)
 
 
 class DriverStatement:

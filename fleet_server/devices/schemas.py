@@ -1,10 +1,11 @@
 """Device payloads."""
 import json
-from datetime import datetime, timezone
+from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii
 
 from marshmallow import fields, validate
 
+from ..driver_statements import utc_timestamp
 from ..pagination import page_schema
 from ..schemas import PaginationArgs, StrictSchema
 
@@ -75,8 +76,7 @@ def _timestamp_json(value) -> str:
         if len(value) == 26 and value[10] == " " and value[19] == ".":
             fraction = "" if value.endswith("000000") else value[19:]
             return f'"{value[:10]}T{value[11:19]}{fraction}+00:00"'
-        value = datetime.fromisoformat(value)  # text SQLAlchemy did not write: read as UTCDateTime would
-    return f'"{value.replace(tzinfo=timezone.utc).isoformat()}"'
+    return f'"{utc_timestamp(value).isoformat()}"'  # text SQLAlchemy did not write, or a datetime
 
 
 def _tags_json(tags) -> str:
@@ -95,7 +95,7 @@ def _tags_json(tags) -> str:
         return "[" + ",".join(["null" if tag is None else encode_basestring_ascii(str(tag)) for tag in tags]) + "]"
 
 
-def device_json(columns, docker_releases: list[int]) -> str:
+def device_json(columns, docker_releases: Sequence[int]) -> str:
     """The JSON text DeviceSchema's dump gives through Flask's JSON provider, from a device's DOCUMENT_COLUMNS values.
 
     The list and retrieve answers are built this way: a marshmallow dump, or building dicts

@@ -115,13 +115,11 @@ def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=No
     devices = page_statement.rows(connection, parameters)
     if not devices:  # past the last device, or none matches
         return page_json(count_statement.rows(connection, filters)[0][0], limit, offset, [])
-    running = {device[0]: [] for device in devices}
+    running = {}  # device id -> ids of the releases it runs; a device another request added in between is not read
     for device_id, release_id in running_statement.rows(connection, parameters):
-        # A device another request added to the page in between is not on this one.
-        if device_id in running:
-            running[device_id].append(release_id)
+        running.setdefault(device_id, []).append(release_id)
     return page_json(devices[0][_COLUMN_COUNT], limit, offset,
-                     [device_json(device[:_COLUMN_COUNT], running[device[0]]) for device in devices])
+                     [device_json(device[:_COLUMN_COUNT], running.get(device[0], ())) for device in devices])
 
 
 def update_device(device: Device, data) -> Device:
