@@ -7,6 +7,7 @@ from ..links import CREATED_ID, created_links, links_to
 from . import service
 from .schemas import DeviceListArgs, DevicePage, DevicePatchSchema, DeviceSchema, DeviceUpdateSchema
 
+
 def _json_answer(text: str):
     """What jsonify would send for the value `text` encodes (Flask's JSON provider ends it with a newline)."""
     return current_app.response_class(text + "\n", mimetype=current_app.json.mimetype)
