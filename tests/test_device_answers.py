@@ -150,8 +150,8 @@ def test_device_rows_written_without_sqlalchemy_are_answered_as_device_schema_du
             "INSERT INTO device (id, unit_id, name, description, tags, created_at, last_seen_at, online) "
             "VALUES (:id, :unit_id, 'by hand', '', :tags, :created_at, :last_seen_at, :online)"),
             [{"id": "00000000-0000-4000-8000-00000000000a", "unit_id": "00000000-0000-4000-8000-0000000000aa",
-              "tags": ' [ "b" , "ä" ] ', "created_at": "2026-03-01 12:00:00", "last_seen_at": "2026-03-01 12:00:00.120000",
-              "online": True},
+              "tags": ' [ "b" , "ä" ] ', "created_at": "2026-03-01 12:00:00",
+              "last_seen_at": "2026-03-01 12:00:00.120000", "online": True},
              {"id": "00000000-0000-4000-8000-00000000000b", "unit_id": "00000000-0000-4000-8000-0000000000bb",
               "tags": "[]", "created_at": "2026-03-01 12:00:01.000000", "last_seen_at": None, "online": False}])
         db.session.commit()
