@@ -1,7 +1,7 @@
 """REST throughput and latency of authenticated list/retrieve against /health, on one server with 2 gunicorn workers.
 
     python benchmarks/rest.py [--requests 1000] [--concurrency 4] [--devices 200] [--rounds 5]
-                              [--threads N] [--no-keepalive] [--list-limit 20 ...]
+                              [--threads N] [--no-keepalive] [--list-limit 20 ...] [--detailed]
 
 One client for every endpoint: ApacheBench (`ab`, apache2-utils), in C, so it leaves most
 of the 2 cores it shares with the server to the server. Keep-alive connections for every
@@ -12,6 +12,9 @@ that a burst of load from elsewhere on the machine hits all of them alike; each 
 same run. Each row also gives the CPU time gunicorn's workers spent per request, a
 figure that load from elsewhere on the machine disturbs far less than the rates do.
 `--threads` is passed to `fleet-server serve` (gunicorn's gthread workers).
+The devices are registered through the API with a name and a unit id only; with
+`--detailed` each also gets two tags, a description, an agent version, a last-seen time
+and two releases it runs (written straight to the database), as a working fleet has.
 """
 import argparse
 import contextlib
@@ -75,6 +78,31 @@ def ab(url, requests_count, concurrency, headers=(), keepalive=True, timings_fil
     }
 
 
+def detail_devices(server, device_ids):
+    """Give every device what a working fleet's have: tags, a description, an agent version, a last-seen
+    time, and two releases it runs (deployments in state succeeded)."""
+    from datetime import datetime, timezone
+
+    from fleet_server.extensions import db
+    from fleet_server.models import Deployment, Device, Project, Release
+
+    app = server.app()
+    with app.app_context():
+        project = Project(name="bench")
+        releases = [Release(project=project, version=f"1.{n}", version_hash=f"{n:08x}") for n in range(2)]
+        db.session.add_all([project, *releases])
+        db.session.flush()
+        seen = datetime.now(timezone.utc)
+        for device in db.session.scalars(db.select(Device).where(Device.id.in_(device_ids))):
+            device.tags, device.description, device.agent_version = ["north", "route-7"], "Delivery van", "1.4.2"
+            device.last_seen_at, device.online = seen, True
+            db.session.add_all([Deployment(release_id=release.id, device_id=device.id, state="succeeded")
+                                for release in releases])
+        db.session.commit()
+    with app.app_context():
+        db.engine.dispose()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000, help="per endpoint, over all rounds")
@@ -85,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--no-keepalive", dest="keepalive", action="store_false")
     parser.add_argument("--list-limit", type=int, action="append", default=[],
                         help="also list pages of this size (the default page is 100)")
+    parser.add_argument("--detailed", action="store_true",
+                        help="devices with tags, description, agent version, last-seen time and two running releases")
     args = parser.parse_args(argv)
     if args.requests > 20000:
         raise SystemExit("--requests: at most 20,000")
@@ -101,6 +131,8 @@ def main(argv=None):
                 body = {"name": f"bench-{index}", "unit_id": str(uuid.uuid4())}
                 device_ids.append(requests.post(server.url + "/dongle/devices/", json=body, headers=headers,
                                                 timeout=30).json()["id"])
+            if args.detailed:
+                detail_devices(server, device_ids)
             auth = [f"Authorization: {headers['Authorization']}"]
             endpoints = {
                 "GET /health (baseline)": (server.url + "/health", ()),
@@ -131,8 +163,10 @@ def main(argv=None):
             baseline = rows[0]["requests_per_s"]
             for row in rows:
                 row["ratio_to_health"] = round(row["requests_per_s"] / baseline, 2)
+            devices_kind = "detailed devices" if args.detailed else "devices with a name and a unit id"
             server_kind = f"{args.threads} threads per worker" if args.threads else "serve's default worker settings"
-            print_figures(f"REST, 2 gunicorn workers ({server_kind}), SQLite, {per_round * args.rounds} requests per "
+            print_figures(f"REST, 2 gunicorn workers ({server_kind}), SQLite, {args.devices} {devices_kind}, "
+                          f"{per_round * args.rounds} requests per "
                           f"endpoint in {args.rounds} rounds at concurrency {args.concurrency}, "
                           f"{'keep-alive' if args.keepalive else 'a connection per request'} ({machine()})", rows)
         finally:

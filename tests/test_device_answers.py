@@ -140,3 +140,24 @@ def test_a_token_that_expires_between_two_requests_is_refused_on_the_second(app,
         db.session.get(ApiToken, token_id).expires_at = datetime.now(timezone.utc) - timedelta(seconds=1)
         db.session.commit()
     assert client.get("/dongle/devices/", headers=headers).status_code == 401
+
+
+def test_device_rows_written_without_sqlalchemy_are_answered_as_device_schema_dumps_them(app, client, auth):
+    # Timestamps without a fraction or with trailing zeros, and tags with spaces around them: text that
+    # SQLAlchemy does not write itself (on SQLite the answer is written from the stored text).
+    with app.app_context():
+        db.session.execute(db.text(
+            "INSERT INTO device (id, unit_id, name, description, tags, created_at, last_seen_at, online) "
+            "VALUES (:id, :unit_id, 'by hand', '', :tags, :created_at, :last_seen_at, :online)"),
+            [{"id": "00000000-0000-4000-8000-00000000000a", "unit_id": "00000000-0000-4000-8000-0000000000aa",
+              "tags": ' [ "b" , "ä" ] ', "created_at": "2026-03-01 12:00:00",
+              "last_seen_at": "2026-03-01 12:00:00.120000", "online": True},
+             {"id": "00000000-0000-4000-8000-00000000000b", "unit_id": "00000000-0000-4000-8000-0000000000bb",
+              "tags": "[]", "created_at": "2026-03-01 12:00:01.000000", "last_seen_at": None, "online": False}])
+        db.session.commit()
+    answer = client.get("/dongle/devices/", headers=auth)
+    expected = _schema_answer(app, "/dongle/devices/", lambda: DevicePage().dump(paginate(devices_query(), 100, 0)))
+    assert answer.get_data() == expected
+    assert [device["tags"] for device in answer.get_json()["results"]] == [["b", "ä"], []]
+    retrieved = client.get("/dongle/devices/00000000-0000-4000-8000-00000000000a/", headers=auth)
+    assert retrieved.get_json()["last_seen_at"] == "2026-03-01T12:00:00.120000+00:00"

@@ -3,11 +3,12 @@ import functools
 import logging
 
 from .. import broker_accounts, outbox
+from ..driver_statements import DriverStatement
 from ..errors import Conflict, NotFound
 from ..extensions import db
 from ..models import Deployment, Device, Release, release_devices
-from ..pagination import page_envelope
-from .schemas import DOCUMENT_COLUMNS, device_document
+from ..pagination import page_json
+from .schemas import DOCUMENT_COLUMNS, device_json
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,18 @@ def device_by_unit_id(unit_id: str) -> Device | None:
 
 
 # The list and retrieve answers are the API's hottest reads. They are read with Core
-# statements built once (plain rows: building a statement or loading ORM entities cost
-# more than running the query) and dumped by schemas.device_document, which produces what
-# DeviceSchema would.
+# statements built once and run on the driver (DriverStatement: building a statement,
+# loading ORM entities or SQLAlchemy's result processing cost more than running the query),
+# and written by schemas.device_json straight from the driver's values as the JSON text
+# DeviceSchema would give: converting timestamps and tags to Python values only to write
+# them out again cost more than the query too.
 _device = Device.__table__
 _deployment = Deployment.__table__
 _document_columns = [_device.c[name] for name in DOCUMENT_COLUMNS]
 _running = _deployment.c.state == "succeeded"
+_COLUMN_COUNT = len(DOCUMENT_COLUMNS)
 
-_DEVICE_WITH_RUNNING_RELEASES = (
+_DEVICE_WITH_RUNNING_RELEASES = DriverStatement(
     db.select(*_document_columns, _deployment.c.release_id)
     .outerjoin(_deployment, (_deployment.c.device_id == _device.c.id) & _running)
     .where(_device.c.id == db.bindparam("device_id"))
@@ -68,7 +72,13 @@ _FILTERS = {
 
 @functools.cache
 def _page_statements(filters: tuple[str, ...]):
-    """The count, page and running-releases statements for one combination of filters."""
+    """For one combination of filters: the page, its running releases, and the count for an empty page.
+
+    The page statement reads each device with the number of devices matching (an
+    uncorrelated subquery, which the database counts once): one statement fewer, and the
+    count agrees with the page. Joining the running releases in as well was slower on
+    SQLite than asking for them apart (the page then goes through a temporary table).
+    """
     conditions = [_FILTERS[name] for name in filters]
     count = db.select(db.func.count()).select_from(_device).where(*conditions)
 
@@ -82,34 +92,34 @@ def _page_statements(filters: tuple[str, ...]):
         .where(_running, _deployment.c.device_id.in_(page(_device.c.id).scalar_subquery()))
         .order_by(_deployment.c.release_id)
     )
-    return count, page(*_document_columns), running
+    return (DriverStatement(page(*_document_columns, count.scalar_subquery().label("total"))),
+            DriverStatement(running), DriverStatement(count))
 
 
-def device_answer(device_id: str) -> dict:
-    """The retrieve answer: the device as DeviceSchema dumps it, read in one query."""
-    rows = db.session.connection().execute(_DEVICE_WITH_RUNNING_RELEASES, {"device_id": device_id}).all()
+def device_answer_json(device_id: str) -> str:
+    """The retrieve answer as JSON text: the device as DeviceSchema dumps it, read in one query."""
+    rows = _DEVICE_WITH_RUNNING_RELEASES.rows(db.session.connection(), {"device_id": device_id})
     if not rows:
         raise NotFound(f"device {device_id} does not exist")
-    return device_document(rows[0], [row.release_id for row in rows if row.release_id is not None])
+    return device_json(rows[0][:_COLUMN_COUNT], [row[-1] for row in rows if row[-1] is not None])
 
 
-def device_page_answer(limit: int, offset: int, unit_id=None, name=None, online=None) -> dict:
-    """The list answer `{count, next, previous, results}`: what DevicePage dumps for the page of devices
-    in creation order, filtered by whichever of unit_id, name and online is given."""
+def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=None) -> str:
+    """The list answer `{count, next, previous, results}` as JSON text: what DevicePage dumps for the page
+    of devices in creation order, filtered by whichever of unit_id, name and online is given."""
     filters = {name: value for name, value in (("unit_id", None if unit_id is None else str(unit_id)),
                                                 ("name", name), ("online", online)) if value is not None}
-    count_statement, page_statement, running_statement = _page_statements(tuple(filters))
+    page_statement, running_statement, count_statement = _page_statements(tuple(filters))
     connection = db.session.connection()
-    total = connection.scalar(count_statement, filters)
     parameters = {**filters, "limit": limit, "offset": offset}
-    devices = connection.execute(page_statement, parameters).all()
-    running = {device[0]: [] for device in devices}
-    if running:
-        for device_id, release_id in connection.execute(running_statement, parameters):
-            # A device another request added to the page in between is not on this one.
-            if device_id in running:
-                running[device_id].append(release_id)
-    return page_envelope(total, limit, offset, [device_document(device, running[device[0]]) for device in devices])
+    devices = page_statement.rows(connection, parameters)
+    if not devices:  # past the last device, or none matches
+        return page_json(count_statement.rows(connection, filters)[0][0], limit, offset, [])
+    running = {}  # device id -> ids of the releases it runs; a device another request added in between is not read
+    for device_id, release_id in running_statement.rows(connection, parameters):
+        running.setdefault(device_id, []).append(release_id)
+    return page_json(devices[0][_COLUMN_COUNT], limit, offset,
+                     [device_json(device[:_COLUMN_COUNT], running.get(device[0], ())) for device in devices])
 
 
 def update_device(device: Device, data) -> Device:

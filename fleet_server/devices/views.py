@@ -1,11 +1,17 @@
 """HTTP endpoints for /dongle/devices/."""
-from flask import jsonify
+from flask import current_app
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
 from ..links import CREATED_ID, created_links, links_to
 from . import service
 from .schemas import DeviceListArgs, DevicePage, DevicePatchSchema, DeviceSchema, DeviceUpdateSchema
+
+
+def _json_answer(text: str):
+    """What jsonify would send for the value `text` encodes (Flask's JSON provider ends it with a newline)."""
+    return current_app.response_class(text + "\n", mimetype=current_app.json.mimetype)
+
 
 blp = Blueprint("devices", __name__, url_prefix="/dongle/devices", description="Devices of the fleet.")
 
@@ -17,7 +23,7 @@ class Devices(MethodView):
     def get(self, args):
         """List devices, optionally filtered by unit_id, name or online"""
         # A Response goes out as it is: the service built the answer DevicePage documents.
-        return jsonify(service.device_page_answer(**args))
+        return _json_answer(service.device_page_json(**args))
 
     @blp.arguments(DeviceSchema, example={"name": "van-12", "tags": ["north"], "description": "Van 12"})
     @blp.response(201, DeviceSchema)
@@ -36,7 +42,7 @@ class DeviceItem(MethodView):
     @blp.response(200, DeviceSchema)
     def get(self, device_id):
         """Retrieve a device"""
-        return jsonify(service.device_answer(str(device_id)))
+        return _json_answer(service.device_answer_json(str(device_id)))
 
     @blp.arguments(DeviceUpdateSchema)
     @blp.response(200, DeviceSchema)

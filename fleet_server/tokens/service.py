@@ -3,9 +3,9 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime
+from typing import NamedTuple
 
-from sqlalchemy import Row
-
+from ..driver_statements import DriverStatement, utc_timestamp
 from ..extensions import db
 from ..models import ApiToken, utcnow
 
@@ -27,25 +27,39 @@ def create(name: str, expires_at: datetime | None = None, role: str = "admin") -
     return token, value
 
 
-# Read on every authenticated request: a Core statement on the table's columns, built once,
-# skips the ORM's entity loading (about three times the cost of the query itself).
+class AuthenticatedToken(NamedTuple):
+    """The columns of a valid token that a request needs, as its database driver hands them."""
+
+    id: int
+    role: str
+    token_hash: str
+    expires_at: object
+    revoked_at: object
+
+
+# Read on every authenticated request: a Core statement on the table's columns, built once
+# and run on the driver, skips the ORM's entity loading and SQLAlchemy's result processing
+# (Core through SQLAlchemy took about four times as long as the query on the driver).
 _api_token = ApiToken.__table__
-_TOKEN_BY_HASH = db.select(
+_TOKEN_BY_HASH = DriverStatement(db.select(
     _api_token.c.id, _api_token.c.role, _api_token.c.token_hash, _api_token.c.expires_at, _api_token.c.revoked_at
-).where(_api_token.c.token_hash == db.bindparam("token_hash"))
+).where(_api_token.c.token_hash == db.bindparam("token_hash")))
 
 
-def authenticate(value: str) -> Row | None:
-    """The token's row (`id`, `role`, ...) if `value` is a valid token, else None.
+def authenticate(value: str) -> AuthenticatedToken | None:
+    """The token (`id`, `role`, ...) if `value` is a valid token, else None.
 
     Read from the database on every call, never cached: a revocation or an expiry takes
     effect on the very next request, in every server process.
     """
     digest = _digest(value)
-    token = db.session.connection().execute(_TOKEN_BY_HASH, {"token_hash": digest}).first()
-    if token is None or not hmac.compare_digest(token.token_hash, digest):
+    rows = _TOKEN_BY_HASH.rows(db.session.connection(), {"token_hash": digest})
+    if not rows:
         return None
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= utcnow()):
+    token = AuthenticatedToken._make(rows[0])
+    if not hmac.compare_digest(token.token_hash, digest):
+        return None
+    if token.revoked_at is not None or (token.expires_at is not None and utc_timestamp(token.expires_at) <= utcnow()):
         return None
     return token
 
