@@ -178,8 +178,13 @@ def measure_ingest(tmp: Path, env: dict, engine, readings: int, batch_size: int,
 
 # --- read latency -----------------------------------------------------------------
 
-def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
-    """Insert `stored` readings for `devices` devices, 10 s apart; return one device's id."""
+def load_rows(engine, database: str, stored: int, layout: str, devices: int = 20) -> str:
+    """Insert `stored` readings for `devices` devices, 10 s apart; return one device's id.
+
+    `interleaved` stores them as a fleet reporting at once does, the devices' readings of each
+    moment side by side, so one device's day is spread over the whole table; `contiguous`
+    stores one device after the other, so its day sits on a few pages (the easy case).
+    """
     per_device = stored // devices
     ids = [str(uuid.uuid4()) for _ in range(devices)]
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -189,25 +194,26 @@ def load_rows(engine, database: str, stored: int, devices: int = 20) -> str:
             "VALUES (:id, :unit, 'bench', '', '[]', :now, false)"),
             [{"id": i, "unit": str(uuid.uuid4()), "now": now} for i in ids])
 
-    def rows(device_id):
+    def row(device_id, n):
         # Rows exactly as the worker stores them (including the rendered entry of a raw read).
-        for n in range(per_device):
-            reading = {"field": "obd.bat.voltage", "type": "double", "ts": (START_US + n * 10_000_000) / 1e6,
-                       "value": 12.0 + (n % 100) / 100}
-            yield service.reading_row(device_id, reading)
+        reading = {"field": "obd.bat.voltage", "type": "double", "ts": (START_US + n * 10_000_000) / 1e6,
+                   "value": 12.0 + (n % 100) / 100}
+        return service.reading_row(device_id, reading)
 
+    if layout == "interleaved":
+        rows = (row(device_id, n) for n in range(per_device) for device_id in ids)
+    else:
+        rows = (row(device_id, n) for device_id in ids for n in range(per_device))
     columns = ", ".join(service.READING_COLUMNS)
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
-        for device_id in ids:
-            if database == "postgresql":
-                with cursor.copy(f"COPY telemetry_reading ({columns}) FROM STDIN") as copy:
-                    for row in rows(device_id):
-                        copy.write_row(row)
-            else:
-                cursor.executemany(f"INSERT INTO telemetry_reading ({columns}) VALUES ({', '.join('?' * 8)})",
-                                   rows(device_id))
+        if database == "postgresql":
+            with cursor.copy(f"COPY telemetry_reading ({columns}) FROM STDIN") as copy:
+                for values in rows:
+                    copy.write_row(values)
+        else:
+            cursor.executemany(f"INSERT INTO telemetry_reading ({columns}) VALUES ({', '.join('?' * 8)})", rows)
         raw.commit()
         if database == "postgresql":
             # What autovacuum does on its own to a table that only grows (PostgreSQL ≥ 13): the
@@ -305,10 +311,10 @@ def run(database: str, args) -> None:
                   f"({ingest['distinct']} distinct) in {ingest['seconds']:.2f} s = {ingest['per_second']:,.0f} readings/s"
                   f" over {ingest['batches']} batches of ≤{args.batch}", flush=True)
             began = time.perf_counter()
-            device_id = load_rows(engine, database, args.stored)
+            device_id = load_rows(engine, database, args.stored, args.layout)
             with engine.connect() as connection:
                 total = connection.execute(sa.text("SELECT count(*) FROM telemetry_reading")).scalar()
-            print(f"[{database}] loaded {args.stored:,} rows in {time.perf_counter() - began:.1f} s "
+            print(f"[{database}] loaded {args.stored:,} rows ({args.layout}) in {time.perf_counter() - began:.1f} s "
                   f"({total:,} rows stored in all)", flush=True)
             for line in raw_read_plan(engine, database, device_id):
                 print(f"[{database}] raw read plan: {line}", flush=True)
@@ -326,6 +332,9 @@ def main():
     parser.add_argument("--readings", type=int, default=50_000, help="readings sent end to end (default 50000)")
     parser.add_argument("--batch", type=int, default=1000, help="readings per batch (default 1000)")
     parser.add_argument("--stored", type=int, default=1_000_000, help="rows stored for the read test (default 1e6)")
+    parser.add_argument("--layout", choices=("interleaved", "contiguous"), default="interleaved",
+                        help="how the stored rows lie: the devices' readings side by side as a fleet reports them "
+                             "(default), or one device after another")
     parser.add_argument("--repeats", type=int, default=50, help="requests per read case (default 50)")
     parser.add_argument("--timeout", type=float, default=120.0, help="longest wait for the ingest (default 120 s)")
     args = parser.parse_args()
