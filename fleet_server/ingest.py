@@ -85,7 +85,7 @@ class DeploymentReports:
         """A device runs one release per project: the others it ran are no longer deployed."""
         project_id, detail = self.project_of[release_id], f"replaced by release {release_id}"
         db.session.connection().execute(_SUPERSEDE, {
-            "device_id": device.id, "release_id": release_id, "project_id": project_id, "replaced_by": detail})
+            "of_device": device.id, "succeeded_release": release_id, "of_project": project_id, "replaced_by": detail})
         # What this batch knows of those deployments must say what the UPDATE just did.
         for (other_release_id, device_id), fields in self.latest.items():
             if (device_id == device.id and other_release_id != release_id and fields["state"] == "succeeded"
@@ -110,9 +110,9 @@ _UPDATE_DEPLOYMENT = _deployment.update().where(
     _deployment.c.release_id == db.bindparam("key_release_id"), _deployment.c.device_id == db.bindparam("key_device_id"))
 _SUPERSEDE = (
     _deployment.update()
-    .where(_deployment.c.device_id == db.bindparam("device_id"), _deployment.c.state == "succeeded",
-           _deployment.c.release_id != db.bindparam("release_id"),
-           _deployment.c.release_id.in_(db.select(_release.c.id).where(_release.c.project_id == db.bindparam("project_id"))))
+    .where(_deployment.c.device_id == db.bindparam("of_device"), _deployment.c.state == "succeeded",
+           _deployment.c.release_id != db.bindparam("succeeded_release"),
+           _deployment.c.release_id.in_(db.select(_release.c.id).where(_release.c.project_id == db.bindparam("of_project"))))
     .values(state="superseded", detail=db.bindparam("replaced_by"))
 )
 
