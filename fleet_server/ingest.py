@@ -48,6 +48,7 @@ class DeploymentReports:
         self.held_back = {}  # (release_id, device_id) -> the fields to write
 
     def record(self, device, report: dict):
+        """Check one report of the batch and hold its write back; Rejected (nothing written) if it does not fit."""
         release_id = report["release_id"]
         if self.project_of.get(release_id) != report["project_id"]:
             raise Rejected(f"release {release_id} of project {report['project_id']} does not exist")
@@ -69,10 +70,12 @@ class DeploymentReports:
         """Write the held-back reports: new deployments in one INSERT, changed ones in one UPDATE."""
         if not self.held_back:
             return
-        new = [{"release_id": release_id, "device_id": device_id, **fields}
-               for (release_id, device_id), fields in self.held_back.items() if (release_id, device_id) not in self.stored]
-        changed = [{"key_release_id": release_id, "key_device_id": device_id, **fields}
-                   for (release_id, device_id), fields in self.held_back.items() if (release_id, device_id) in self.stored]
+        new, changed = [], []
+        for (release_id, device_id), fields in self.held_back.items():
+            if (release_id, device_id) in self.stored:
+                changed.append({"key_release_id": release_id, "key_device_id": device_id, **fields})
+            else:
+                new.append({"release_id": release_id, "device_id": device_id, **fields})
         connection = db.session.connection()
         if new:
             connection.execute(_deployment.insert(), new)
@@ -106,13 +109,14 @@ _TARGETED_DEPLOYMENTS = (
            release_devices.c.device_id.in_(db.bindparam("device_ids", expanding=True)))
 )
 # The SET clause is the executemany rows' other keys: state, step, detail, reported_at (and updated_at).
-_UPDATE_DEPLOYMENT = _deployment.update().where(
-    _deployment.c.release_id == db.bindparam("key_release_id"), _deployment.c.device_id == db.bindparam("key_device_id"))
+_UPDATE_DEPLOYMENT = _deployment.update().where(_deployment.c.release_id == db.bindparam("key_release_id"),
+                                                _deployment.c.device_id == db.bindparam("key_device_id"))
 _SUPERSEDE = (
     _deployment.update()
     .where(_deployment.c.device_id == db.bindparam("of_device"), _deployment.c.state == "succeeded",
            _deployment.c.release_id != db.bindparam("succeeded_release"),
-           _deployment.c.release_id.in_(db.select(_release.c.id).where(_release.c.project_id == db.bindparam("of_project"))))
+           _deployment.c.release_id.in_(
+               db.select(_release.c.id).where(_release.c.project_id == db.bindparam("of_project"))))
     .values(state="superseded", detail=db.bindparam("replaced_by"))
 )
 

@@ -39,7 +39,8 @@ def _report(fleet, device: int, release: str, state: str, ts: float, project_id=
     release = fleet["releases"][release]
     body = {"project_id": project_id or release["project"], "release_id": release["id"],
             "version_hash": release["version_hash"], "state": state, "step": None, "detail": detail, "ts": ts}
-    return wire.device_topic(fleet["devices"][device]["unit_id"], "deployments"), wire.encode(wire.deployment_report, body)
+    topic = wire.device_topic(fleet["devices"][device]["unit_id"], "deployments")
+    return topic, wire.encode(wire.deployment_report, body)
 
 
 def _stored(fleet) -> dict:
@@ -65,12 +66,15 @@ def test_two_reports_for_one_deployment_in_one_batch_leave_the_newer_in_either_o
 def test_a_rejected_report_amid_good_ones_is_the_only_one_not_stored(app, fleet):
     now = time.time()
     batch = [_report(fleet, 0, "v1", "queued", now),
-             _report(fleet, 1, "v3", "queued", now),  # v3 does not target device 1
+             _report(fleet, 1, "v3", "queued", now),  # v3 does not target device 1 (and one of no release below)
              _report(fleet, 1, "v1", "queued", now),
              _report(fleet, 2, "q1", "queued", now, project_id=fleet["releases"]["v1"]["project"]),  # other project
              _report(fleet, 2, "v1", "queued", now)]
+    topic, payload = _report(fleet, 0, "v2", "queued", now)
+    batch.insert(1, (topic, payload.replace(b'"release_id":%d' % fleet["releases"]["v2"]["id"],
+                                            b'"release_id":%d' % (fleet["releases"]["q1"]["id"] + 100))))
     with app.app_context():
-        assert ingest.handle_batch(batch) == [True, False, True, False, True]
+        assert ingest.handle_batch(batch) == [True, False, False, True, False, True]
         assert _stored(fleet) == {("v1", 0): ("queued", now), ("v1", 1): ("queued", now), ("v1", 2): ("queued", now)}
 
 
@@ -88,8 +92,10 @@ def test_a_new_and_an_existing_deployment_in_one_batch_are_both_stored(app, flee
 def test_an_older_report_in_a_later_batch_does_not_overwrite_a_stored_newer_one(app, fleet):
     now = time.time()
     with app.app_context():
-        assert ingest.handle_batch([_report(fleet, 0, "v1", "pulling", now + 1), _report(fleet, 1, "v1", "queued", now)])
-        assert ingest.handle_batch([_report(fleet, 0, "v1", "queued", now), _report(fleet, 1, "v1", "queued", now)])
+        first = [_report(fleet, 0, "v1", "pulling", now + 1), _report(fleet, 1, "v1", "queued", now)]
+        assert ingest.handle_batch(first) == [True, True]
+        assert ingest.handle_batch([_report(fleet, 0, "v1", "queued", now),
+                                    _report(fleet, 1, "v1", "queued", now)]) == [True, True]
         assert _stored(fleet) == {("v1", 0): ("pulling", now + 1), ("v1", 1): ("queued", now)}
 
 
