@@ -171,7 +171,8 @@ def handle_batch(messages) -> list[bool]:
     True: stored. False: rejected (logged; nothing of it written). Each message is recorded
     inside a savepoint, so a rejected one undoes only its own writes and the others are
     committed together: one commit (one fsync) for the lot instead of one per message.
-    A database error propagates with nothing committed.
+    Deployment reports are checked before anything of theirs is written, so they need none
+    (see DeploymentReports). A database error propagates with nothing committed.
     """
     decoded = []
     for topic, payload in messages:
