@@ -16,47 +16,109 @@ class Rejected(Exception):
     """A well-formed message that does not fit the device or release it names."""
 
 
-def record_deployment(device, report: dict) -> Deployment:
-    release = db.session.get(Release, report["release_id"])
-    if release is None or release.project_id != report["project_id"]:
-        raise Rejected(f"release {report['release_id']} of project {report['project_id']} does not exist")
-    targeted = db.session.scalar(
-        db.select(release_devices.c.release_id).where(
-            release_devices.c.release_id == release.id, release_devices.c.device_id == device.id
-        )
-    )
-    if targeted is None:
-        raise Rejected(f"release {release.id} does not target device {device.id}")
-    deployment = db.session.scalar(db.select(Deployment).filter_by(release_id=release.id, device_id=device.id))
-    if deployment is None:
-        deployment = Deployment(release_id=release.id, device_id=device.id, state=report["state"])
-        db.session.add(deployment)
-    elif report["ts"] < deployment.reported_at:
-        return deployment  # QoS 1 may deliver late duplicates: older news never overwrites newer
-    deployment.state = report["state"]
-    deployment.step = report["step"]
-    deployment.detail = report["detail"]
-    deployment.reported_at = report["ts"]
-    if report["state"] == "succeeded":
-        _supersede_others(device, release)
-    return deployment
+class DeploymentReports:
+    """A batch's deployment reports, recorded with a few statements for the whole batch.
+
+    Built from all the batch's reports, it reads in two queries what checking them needs: the
+    project of each release they name, and each (release, device) pair those releases target
+    with the deployment stored for it, if any. `record` checks one report against that and
+    holds its write back; `store` writes what is held back, one INSERT and one UPDATE for the
+    lot. A report `record` rejects has written nothing, so it needs no savepoint of its own.
+    A `succeeded` report is written at once, with the others held back before it, because it
+    supersedes the device's other succeeded deployments of the project: an UPDATE of rows this
+    batch may not have read, which must see every earlier report of the batch.
+    """
+
+    def __init__(self, reports):
+        """`reports`: [(device, report)], the device as an (id, unit_id) row."""
+        connection = db.session.connection()
+        release_ids = list({report["release_id"] for _device, report in reports})
+        self.project_of = dict(connection.execute(_PROJECTS_OF_RELEASES, {"release_ids": release_ids}).all())
+        self.targeted = set()
+        # (release_id, device_id) -> the deployment's fields as they stand after the reports seen so far
+        self.latest = {}
+        for release_id, device_id, deployment_id, state, step, detail, reported_at in connection.execute(
+                _TARGETED_DEPLOYMENTS,
+                {"release_ids": release_ids, "device_ids": list({device.id for device, _report in reports})}):
+            self.targeted.add((release_id, device_id))
+            if deployment_id is not None:
+                self.latest[release_id, device_id] = {
+                    "state": state, "step": step, "detail": detail, "reported_at": reported_at}
+        self.stored = set(self.latest)  # the pairs whose deployment row exists
+        self.held_back = {}  # (release_id, device_id) -> the fields to write
+
+    def record(self, device, report: dict):
+        """Check one report of the batch and hold its write back; Rejected (nothing written) if it does not fit."""
+        release_id = report["release_id"]
+        if self.project_of.get(release_id) != report["project_id"]:
+            raise Rejected(f"release {release_id} of project {report['project_id']} does not exist")
+        key = (release_id, device.id)
+        if key not in self.targeted:
+            raise Rejected(f"release {release_id} does not target device {device.id}")
+        latest = self.latest.get(key)
+        if latest is not None and report["ts"] < latest["reported_at"]:
+            return  # QoS 1 may deliver late duplicates: older news never overwrites newer
+        fields = {"state": report["state"], "step": report["step"], "detail": report["detail"],
+                  "reported_at": report["ts"]}
+        if fields != latest:  # the same news again changes nothing, not even updated_at
+            self.latest[key] = self.held_back[key] = fields
+        if report["state"] == "succeeded":
+            self.store()
+            self._supersede_others(device, release_id)
+
+    def store(self):
+        """Write the held-back reports: new deployments in one INSERT, changed ones in one UPDATE."""
+        if not self.held_back:
+            return
+        new, changed = [], []
+        for (release_id, device_id), fields in self.held_back.items():
+            if (release_id, device_id) in self.stored:
+                changed.append({"key_release_id": release_id, "key_device_id": device_id, **fields})
+            else:
+                new.append({"release_id": release_id, "device_id": device_id, **fields})
+        connection = db.session.connection()
+        if new:
+            connection.execute(_deployment.insert(), new)
+        if changed:
+            connection.execute(_UPDATE_DEPLOYMENT, changed)
+        self.stored.update(self.held_back)
+        self.held_back.clear()
+
+    def _supersede_others(self, device, release_id: int):
+        """A device runs one release per project: the others it ran are no longer deployed."""
+        project_id, detail = self.project_of[release_id], f"replaced by release {release_id}"
+        db.session.connection().execute(_SUPERSEDE, {
+            "of_device": device.id, "succeeded_release": release_id, "of_project": project_id, "replaced_by": detail})
+        # What this batch knows of those deployments must say what the UPDATE just did.
+        for (other_release_id, device_id), fields in self.latest.items():
+            if (device_id == device.id and other_release_id != release_id and fields["state"] == "succeeded"
+                    and self.project_of[other_release_id] == project_id):
+                fields.update(state="superseded", detail=detail)
 
 
-def _supersede_others(device, release: Release):
-    """A device runs one release per project: the others it ran are no longer deployed."""
-    others = db.session.scalars(
-        db.select(Deployment)
-        .join(Release, Release.id == Deployment.release_id)
-        .where(
-            Deployment.device_id == device.id,
-            Release.project_id == release.project_id,
-            Deployment.release_id != release.id,
-            Deployment.state == "succeeded",
-        )
-    )
-    for other in others:
-        other.state = "superseded"
-        other.detail = f"replaced by release {release.id}"
+_deployment, _release = Deployment.__table__, Release.__table__
+# Built once: building a statement cost more than running it.
+_PROJECTS_OF_RELEASES = db.select(_release.c.id, _release.c.project_id).where(
+    _release.c.id.in_(db.bindparam("release_ids", expanding=True)))
+_TARGETED_DEPLOYMENTS = (
+    db.select(release_devices.c.release_id, release_devices.c.device_id, _deployment.c.id, _deployment.c.state,
+              _deployment.c.step, _deployment.c.detail, _deployment.c.reported_at)
+    .outerjoin(_deployment, db.and_(_deployment.c.release_id == release_devices.c.release_id,
+                                    _deployment.c.device_id == release_devices.c.device_id))
+    .where(release_devices.c.release_id.in_(db.bindparam("release_ids", expanding=True)),
+           release_devices.c.device_id.in_(db.bindparam("device_ids", expanding=True)))
+)
+# The SET clause is the executemany rows' other keys: state, step, detail, reported_at (and updated_at).
+_UPDATE_DEPLOYMENT = _deployment.update().where(_deployment.c.release_id == db.bindparam("key_release_id"),
+                                                _deployment.c.device_id == db.bindparam("key_device_id"))
+_SUPERSEDE = (
+    _deployment.update()
+    .where(_deployment.c.device_id == db.bindparam("of_device"), _deployment.c.state == "succeeded",
+           _deployment.c.release_id != db.bindparam("succeeded_release"),
+           _deployment.c.release_id.in_(
+               db.select(_release.c.id).where(_release.c.project_id == db.bindparam("of_project"))))
+    .values(state="superseded", detail=db.bindparam("replaced_by"))
+)
 
 
 _device = Device.__table__
@@ -87,7 +149,7 @@ def record_command_result(device, result: dict):
 # Each handler is called with the device the topic names, as a row of its id and unit_id
 # (all any of them needs), and the decoded message; it writes in the caller's transaction.
 _HANDLERS = {
-    "deployments": (wire.deployment_report, record_deployment),
+    "deployments": (wire.deployment_report, None),  # recorded a batch at a time: see DeploymentReports
     "status": (wire.status_message, record_status),
     "telemetry": (wire.telemetry_batch, record_telemetry),
     "results": (wire.command_result, record_command_result),
@@ -109,7 +171,8 @@ def handle_batch(messages) -> list[bool]:
     True: stored. False: rejected (logged; nothing of it written). Each message is recorded
     inside a savepoint, so a rejected one undoes only its own writes and the others are
     committed together: one commit (one fsync) for the lot instead of one per message.
-    A database error propagates with nothing committed.
+    Deployment reports are checked before anything of theirs is written, so they need none
+    (see DeploymentReports). A database error propagates with nothing committed.
     """
     decoded = []
     for topic, payload in messages:
@@ -125,6 +188,7 @@ def handle_batch(messages) -> list[bool]:
     # Handlers are given the device as an (id, unit_id) row: none needs more of it.
     devices = {device.unit_id: device
                for device in db.session.connection().execute(_DEVICES_BY_UNIT_ID, {"unit_ids": list(wanted)})}
+    deployment_reports = _deployment_reports(devices, decoded)
     # A lone message needs no savepoint: if it is rejected, undoing the whole transaction undoes
     # only its writes. That spares two statements on every report that arrives by itself.
     lone = len(messages) == 1
@@ -135,11 +199,14 @@ def handle_batch(messages) -> list[bool]:
             continue
         where, message = entry
         try:
-            with contextlib.nullcontext() if lone else db.session.begin_nested():
-                device = devices.get(where.unit_id)
-                if device is None:
-                    raise Rejected(f"no device has unit_id {where.unit_id}")
-                _HANDLERS[where.kind][1](device, message)
+            device = devices.get(where.unit_id)
+            if device is None:
+                raise Rejected(f"no device has unit_id {where.unit_id}")
+            if where.kind == "deployments":
+                deployment_reports.record(device, message)  # checks before it writes: no savepoint needed
+            else:
+                with contextlib.nullcontext() if lone else db.session.begin_nested():
+                    _HANDLERS[where.kind][1](device, message)
             verdicts.append(True)
         except (Rejected, KeyError) as exc:
             log.warning("rejected device message topic=%s reason=%s", topic, exc)
@@ -147,8 +214,17 @@ def handle_batch(messages) -> list[bool]:
             if lone:
                 db.session.rollback()
                 return verdicts
+    if deployment_reports is not None:
+        deployment_reports.store()
     db.session.commit()
     return verdicts
+
+
+def _deployment_reports(devices, decoded) -> DeploymentReports | None:
+    """The batch's deployment reports from known devices, preloaded; None if it holds none."""
+    reports = [(devices[where.unit_id], message) for where, message in filter(None, decoded)
+               if where.kind == "deployments" and where.unit_id in devices]
+    return DeploymentReports(reports) if reports else None
 
 
 _DEVICES_BY_UNIT_ID = db.select(_device.c.id, _device.c.unit_id).where(
