@@ -144,6 +144,8 @@ RAW_READ_SQL = {
     # joining the strings here. The LIMIT only tells a range too big to return.
     "postgresql": f"SELECT entry_json {_RAW_SERIES} ORDER BY ts_us LIMIT :limit",
 }
+# Built once, like every statement on a hot path.
+_RAW_READ_JOINED = text(RAW_READ_SQL["sqlite"])
 _RAW_READ_ROWS = DriverStatement(text(RAW_READ_SQL["postgresql"]))
 
 
@@ -156,7 +158,7 @@ def _raw_json(args: dict, start: int, end: int) -> tuple[bool, str]:
         rows = _RAW_READ_ROWS.rows(connection, parameters)
         count, entries = len(rows), ",".join([entry for entry, in rows])
     else:
-        count, entries = connection.execute(text(RAW_READ_SQL["sqlite"]), parameters).one()
+        count, entries = connection.execute(_RAW_READ_JOINED, parameters).one()
     if count > MAX_RAW_READINGS:
         raise ValidationError(
             "to_utc", f"the range holds more than {MAX_RAW_READINGS} readings: narrow it or aggregate with an interval"
