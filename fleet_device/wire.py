@@ -393,6 +393,20 @@ class CommandMessageSchema(_Message):
     deadline = fields.Float(required=True)
 
 
+def command_payload(command_id: str, command: str, arg: list, kwarg: dict, timeout: float | None,
+                    deadline: float) -> bytes:
+    """The command message for values the server has already checked against the same bounds.
+
+    What `encode(command_message, ...)` gives, byte for byte, without checking the values a
+    second time: the schema's check costs fifteen times the encoding, on the path between a
+    command's creation and its publication. The server's CommandCreateSchema holds the same
+    limits (name, arg list, kwarg object with string keys, timeout range), and its ids are UUIDs.
+    """
+    return json.dumps({"arg": arg, "command": command, "deadline": float(deadline), "id": command_id,
+                       "kwarg": kwarg, "timeout": timeout, "v": PROTOCOL_VERSION},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
 class CommandResultSchema(_Message):
     """device → server: the state of one command; a final state carries its return value or error."""
 

@@ -311,3 +311,19 @@ def test_the_interval_between_repeats_grows_to_a_bound():
     intervals = [service.retry_interval(n).total_seconds() for n in range(1, 12)]
     assert intervals[:4] == [10, 20, 40, 80] and intervals[-1] == 600 and intervals == sorted(intervals)
     assert service.retry_interval(10**6).total_seconds() == 600
+
+
+@pytest.mark.parametrize("arg, kwarg, timeout", [
+    ([], {}, None),
+    (["web", 3, None, {"z": 1, "a": [True, 1.5]}], {"tail": 10, "since": "1h", "ä": "é\n\"x\""}, 2.5),
+    ([1], {"b": {"d": 1, "c": 2}, "a": None}, 86400.0),
+])
+def test_the_command_message_is_what_the_wire_schema_encodes_and_the_device_decodes(arg, kwarg, timeout):
+    command_id, deadline = str(uuid.uuid4()), time.time() + 60
+    fields = {"id": command_id, "command": "docker.logs", "arg": arg, "kwarg": kwarg, "timeout": timeout,
+              "deadline": deadline}
+    payload = wire.command_payload(command_id, "docker.logs", arg, kwarg, timeout, deadline)
+    assert payload == wire.encode(wire.command_message, fields)
+    decoded = wire.decode(wire.command_message, payload)
+    assert (str(decoded["id"]), decoded["arg"], decoded["kwarg"], decoded["timeout"], decoded["deadline"]) == (
+        command_id, arg, kwarg, timeout, deadline)

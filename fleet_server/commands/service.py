@@ -20,6 +20,7 @@ from paho.mqtt.properties import Properties
 from fleet_device import wire
 
 from ..devices.service import get_device
+from ..driver_statements import DriverStatement
 from ..errors import NotFound, ValidationError
 from ..extensions import db
 from ..ingest import Rejected
@@ -39,14 +40,16 @@ EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; 
 
 # Built once: building a statement costs more than running it, and nothing else should sit
 # between a command's creation and its publication.
-_UNIT_ID_OF = db.select(Device.unit_id).where(Device.id == db.bindparam("device_pk"))
+_UNIT_ID_OF = DriverStatement(db.select(Device.unit_id).where(Device.id == db.bindparam("device_pk")))
 _INSERT_COMMAND = db.insert(Command.__table__)
 
 
 def create_command(device_pk: str, data: dict) -> Command:
-    unit_id = db.session.scalar(_UNIT_ID_OF, {"device_pk": device_pk})
-    if unit_id is None:
+    connection = db.session.connection()
+    found = _UNIT_ID_OF.rows(connection, {"device_pk": device_pk})
+    if not found:
         raise ValidationError("device_pk", f"device {device_pk} does not exist")
+    unit_id = found[0][0]
     size = len(json.dumps([data["arg"], data["kwarg"]], separators=(",", ":")))
     if size > wire.MAX_COMMAND_ARGUMENTS_BYTES:
         raise ValidationError("arg", f"arg and kwarg take {size} bytes; at most {wire.MAX_COMMAND_ARGUMENTS_BYTES}")
@@ -72,7 +75,7 @@ def create_command(device_pk: str, data: dict) -> Command:
     # One prepared INSERT on the table rather than the ORM's unit of work or bulk insert, and no
     # reload after the commit: nothing stands between the commit and the publication. The
     # response shows the command as it was created, whatever a worker stores meanwhile.
-    db.session.connection().execute(_INSERT_COMMAND, row)
+    connection.execute(_INSERT_COMMAND, row)
     db.session.commit()
     # Published from the row's values: the ORM object for the response is built afterwards.
     published = _publish_now(SimpleNamespace(**row), unit_id)
@@ -115,17 +118,8 @@ def message_for(command: Command, unit_id: str, now: datetime, first: bool | Non
             expiry = min(expiry, remaining)
     if command.state == "queued" and remaining <= 0:
         return None
-    payload = wire.encode(
-        wire.command_message,
-        {
-            "id": command.id,
-            "command": command.command,
-            "arg": command.arg,
-            "kwarg": command.kwarg,
-            "timeout": command.timeout,
-            "deadline": command.expires_at.timestamp(),
-        },
-    )
+    payload = wire.command_payload(command.id, command.command, command.arg, command.kwarg, command.timeout,
+                                   command.expires_at.timestamp())
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = wire.device_topic(unit_id, "results")
     properties.CorrelationData = command.id.encode()
