@@ -44,7 +44,8 @@ _UNIT_ID_OF = DriverStatement(db.select(Device.unit_id).where(Device.id == db.bi
 _INSERT_COMMAND = db.insert(Command.__table__)
 
 
-def create_command(device_pk: str, data: dict) -> Command:
+def create_command(device_pk: str, data: dict) -> dict:
+    """Store the command, publish it, and return its row's values as they were created."""
     connection = db.session.connection()
     found = _UNIT_ID_OF.rows(connection, {"device_pk": device_pk})
     if not found:
@@ -77,12 +78,10 @@ def create_command(device_pk: str, data: dict) -> Command:
     # response shows the command as it was created, whatever a worker stores meanwhile.
     connection.execute(_INSERT_COMMAND, row)
     db.session.commit()
-    # Published from the row's values: the ORM object for the response is built afterwards.
-    published = _publish_now(SimpleNamespace(**row), unit_id)
-    command = Command(**row)
-    if not published:
-        _mark_unpublished(command)
-    return command
+    # Published from the row's values, before anything is built for the response.
+    if not _publish_now(SimpleNamespace(**row), unit_id):
+        _mark_unpublished(row)
+    return row
 
 
 def get_command(device_pk: str, command_id: str) -> Command:
@@ -157,18 +156,18 @@ def _publish_now(command, unit_id: str) -> bool:
     return False
 
 
-def _mark_unpublished(command: Command):
+def _mark_unpublished(row: dict):
     """The broker did not take it: leave it to the worker's sweep, at once."""
     try:
         db.session.execute(
-            db.update(Command).where(Command.id == command.id, Command.attempts == 1)
+            db.update(Command).where(Command.id == row["id"], Command.attempts == 1)
             .values(published_at=None, attempts=0, next_attempt_at=utcnow())
         )
         db.session.commit()
     except Exception:  # the sweep asks again after the first interval anyway
-        log.exception("could not mark command %s unpublished", command.id)
+        log.exception("could not mark command %s unpublished", row["id"])
         db.session.rollback()
-    command.published_at, command.attempts = None, 0
+    row.update(published_at=None, attempts=0)
 
 
 def expire_overdue(now: datetime | None = None) -> int:

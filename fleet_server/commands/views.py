@@ -1,4 +1,5 @@
 """HTTP endpoints for /dongle/devices/{device_pk}/execute/: run a command, poll for its result."""
+from flask import jsonify
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
@@ -6,7 +7,7 @@ from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from ..schemas import PaginationArgs
 from . import service
-from .schemas import CommandCreateSchema, CommandPage, CommandSchema
+from .schemas import CommandCreateSchema, CommandPage, CommandSchema, created_command_document
 
 blp = Blueprint(
     "commands",
@@ -33,7 +34,8 @@ class Commands(MethodView):
     ))
     def post(self, data, device_pk):
         """Execute a command on the device; returns at once with the command `queued`"""
-        return service.create_command(device_pk, data)
+        # The document CommandSchema describes, built straight from the new row's values.
+        return jsonify(created_command_document(service.create_command(device_pk, data))), 201
 
 
 @blp.route("/<string:command_id>/")
