@@ -43,7 +43,8 @@ from pathlib import Path
 
 import requests
 
-from harness import answers, free_port, percentile, wait_for  # noqa: E402  (also puts the checkout on sys.path)
+from harness import REPO, answers, free_port, percentile, wait_for  # noqa: E402  (also puts the checkout on sys.path)
+from benchmarks import rtt_floor  # noqa: E402
 
 log = logging.getLogger("command_rtt")
 BIN = Path(sys.executable).parent
@@ -139,11 +140,12 @@ def run(args) -> int:
                                capture_output=True, text=True, timeout=60).stdout.split()[-1]
         device_id, unit_id = subprocess.run(server + ["devices", "create", "--name", "bench"], env=env, check=True,
                                             capture_output=True, text=True, timeout=60).stdout.split()
-        processes.start("server", server + ["serve", "--bind", f"127.0.0.1:{http_port}", "--workers", "2"], env)
-        processes.start("worker", server + ["worker", "--worker-id", "bench"], env)
-        processes.start("agent", [str(BIN / "fleet-device"), "run", "--unit-id", unit_id,
+        fleet = [processes.start("server", server + ["serve", "--bind", f"127.0.0.1:{http_port}", "--workers", "2"],
+                                 env),
+                 processes.start("worker", server + ["worker", "--worker-id", "bench"], env)]
+        fleet += [processes.start("agent", [str(BIN / "fleet-device"), "run", "--unit-id", unit_id,
                                   "--broker", f"mqtt://127.0.0.1:{broker_port}", "--state-dir", str(work / "agent"),
-                                  "--api", f"127.0.0.1:{api_port}", "--minion-id-file", str(work / "minion_id")], env)
+                                  "--api", f"127.0.0.1:{api_port}", "--minion-id-file", str(work / "minion_id")], env)]
         base = f"http://127.0.0.1:{http_port}"
         wait_for(lambda: answers(base + "/health"), 60, "the server")
         wait_for(lambda: answers(f"http://127.0.0.1:{api_port}/"), 60, "the agent")
@@ -234,10 +236,70 @@ def run(args) -> int:
             if values:
                 print(summary("  " + name, values))
         print(f"failed: {failures}")
+        if not args.no_floor and server_side and not failures:
+            for process in fleet:  # nothing of Fleet's runs beside the floor
+                process.terminate()
+                process.wait(10)
+            floor = run_floor(args, processes, work, env, broker_port, token, device_id, unit_id)
+            if floor is None:
+                return 1
+            floor_server, floor_post = floor
+            print("the floor: the same round trip through bare parts (benchmarks/rtt_floor.py), same run")
+            print(summary("created → result stored (floor)", floor_server))
+            print(summary("POST sent → result stored (floor)", floor_post))
+            print(f"Fleet / floor at p50: created → stored "
+                  f"{percentile(server_side, 0.5) / percentile(floor_server, 0.5):.2f}x, POST sent → stored "
+                  f"{percentile(post_to_stored, 0.5) / percentile(floor_post, 0.5):.2f}x")
         return 0 if server_side and not failures else 1
     finally:
         processes.stop_all()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_floor(args, processes: Processes, work: Path, env: dict, broker_port: int, token: str, device_id: str,
+              unit_id: str):
+    """Time the floor's round trips (see rtt_floor.py); (created → stored, POST sent → stored) in seconds."""
+    http_port = free_port()
+    floor_env = {**env, "FLOOR_DATABASE": env["FLEET_DATABASE_URL"].removeprefix("sqlite:///"),
+                 "FLOOR_BROKER_PORT": str(broker_port), "FLOOR_UNIT_ID": unit_id,
+                 "FLOOR_JOURNAL": str(work / "floor-journal"),
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
+    processes.start("floor-worker", [sys.executable, "-m", "benchmarks.rtt_floor", "worker"], floor_env)
+    processes.start("floor-agent", [sys.executable, "-m", "benchmarks.rtt_floor", "agent"], floor_env)
+    processes.start("floor-web", [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{http_port}", "--workers",
+                                  "2", "--pythonpath", str(REPO), "benchmarks.rtt_floor:web_app"], floor_env)
+    wait_for(lambda: answers(f"http://127.0.0.1:{http_port}/"), 60, "the floor's web server")
+    path = f"/dongle/devices/{device_id}/execute/"
+    headers = {"Authorization": f"APIToken {token}", "Content-Type": "application/json"}
+    body = json.dumps(PING).encode()
+    floor_db = floor_env["FLOOR_DATABASE"]
+    sent_at: dict[str, float] = {}
+    deadline = time.monotonic() + args.budget
+    for number in range(args.warmup + args.runs):
+        if time.monotonic() > deadline:
+            log.warning("time budget of %.0f s spent after %d floor commands", args.budget, number)
+            break
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+        try:
+            sent_epoch = time.time()
+            connection.request("POST", path, body=body, headers=headers)
+            command_id = json.loads(connection.getresponse().read())["id"]
+        finally:
+            connection.close()
+        time.sleep(args.settle)
+        if number >= args.warmup:
+            sent_at[command_id] = sent_epoch
+        elif number == 0:  # the agent and worker may still be subscribing: wait for the first result
+            wait_for(lambda: rtt_floor.stamps(floor_db, [command_id]).get(command_id, (0, None))[1], 30,
+                     "the floor's first result")
+    time.sleep(0.5)
+    stored = rtt_floor.stamps(floor_db, list(sent_at))
+    done = {command_id: stamp for command_id, stamp in stored.items() if stamp[1] is not None}
+    if len(done) < len(sent_at):
+        log.error("the floor stored %d of %d results", len(done), len(sent_at))
+        return None
+    return ([completed - created for created, completed in done.values()],
+            [done[command_id][1] - sent for command_id, sent in sent_at.items()])
 
 
 def main() -> int:
@@ -254,6 +316,9 @@ def main() -> int:
                              "or a requests session, which adds its own CPU before the request leaves")
     parser.add_argument("--client-runs", type=int, default=50,
                         help="commands polled for as a client would, after the timed ones (default 50)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the floor: as many round trips through bare parts (rtt_floor.py) on the same "
+                             "machinery, timed after Fleet's processes stopped")
     parser.add_argument("--budget", type=float, default=120.0, help="stop after this many seconds (default 120)")
     args = parser.parse_args()
     if not 0 < args.runs <= 10000 or not 0 <= args.warmup <= 1000 or not 0 <= args.client_runs <= 10000:
