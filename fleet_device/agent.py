@@ -125,7 +125,6 @@ class Agent:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = lambda *_: self._jitter_next_reconnect()
-        client.on_publish = self.command_runner.published
         return client
 
     def _jitter_next_reconnect(self):

@@ -5,8 +5,9 @@ The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON 
 
     {"accepted": ID}     fsynced before the command runs (and before the message is acknowledged),
     {"result": {...}}    fsynced before the result is published,
-    {"acked": ID}        when the broker acknowledged the result (not fsynced: losing it only
-                         means the result is sent once more, and the server ignores repeats).
+    {"acked": ID}        once the broker acknowledged the result, at the supervisor's next look
+                         (not fsynced: losing it only means the result is sent once more, and
+                         the server ignores repeats).
 
 A read-only command (`read_only` in the command table: test.ping, docker.ps, ...) is written
 without the two fsyncs: running one twice does no harm, so a power loss may at worst make
@@ -276,10 +277,6 @@ class CommandRunner:
         self._resend.set()
         self._wakeup.set()
 
-    def published(self, *_):
-        """paho's on_publish: some result may be acknowledged now."""
-        self._wakeup.set()
-
     def handle_message(self, where: wire.DeviceTopic, message):
         """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
         command = wire.decode_command(message.payload)
@@ -545,9 +542,11 @@ class CommandRunner:
         self._publish(result, run.correlation, kept)
 
     def _track(self, command_id: str, info):
-        # No wake-up of the supervisor here: the broker's acknowledgement wakes it (`published`),
-        # and it looks again within `progress_delay` anyway. Waking it now would only compete with
-        # the network thread that is about to send the result.
+        # No wake-up of the supervisor, here or when the broker acknowledges the result: it marks
+        # acknowledged results in the journal at its next look (within `progress_delay`). Waking
+        # it for each would compete for the two cores with the network thread about to send the
+        # result and with the server storing it; a result acknowledged but not yet marked is at
+        # worst sent once more after a restart, and the server ignores repeats.
         with self._lock:
             self._in_flight[command_id] = info
 
