@@ -41,6 +41,9 @@ class Command:
     # Only reads: running it twice does no harm, so the journal need not reach the disk
     # before it runs (see execution.CommandJournal).
     read_only: bool = False
+    # Answers at once from memory (no engine, no disk, no lock held by anything slow): run on
+    # the agent's message thread where it is decoded, sparing the hand-over to a command thread.
+    instant: bool = False
 
     @property
     def usage(self) -> str:
@@ -51,12 +54,15 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, timeout: float = DEFAULT_TIMEOUT, read_only: bool = False):
+def command(name: str, timeout: float = DEFAULT_TIMEOUT, read_only: bool = False, instant: bool = False):
+    if instant and not read_only:
+        raise ValueError(f"{name}: an instant command must be read-only (it is journaled without fsync)")
+
     def register(function):
         hints = typing.get_type_hints(function)
         hints.pop("return", None)
         COMMANDS[name] = Command(name, function, (function.__doc__ or "").strip(), inspect.signature(function), hints,
-                                 timeout, read_only)
+                                 timeout, read_only, instant)
         return function
 
     return register
@@ -101,6 +107,12 @@ def is_read_only(name: str) -> bool:
     return entry is not None and entry.read_only
 
 
+def is_instant(name: str) -> bool:
+    """Whether `name` answers at once from memory, so it may run on the thread that received it."""
+    entry = COMMANDS.get(name)
+    return entry is not None and entry.instant
+
+
 # --- the argument schema, read from annotations ------------------------------------
 
 def _matches(value, hint) -> bool:
@@ -140,7 +152,7 @@ def _shorten(text: str, limit: int = 60) -> str:
 
 # --- agent and deploys -----------------------------------------------------------------
 
-@command("test.ping", read_only=True)
+@command("test.ping", read_only=True, instant=True)
 def test_ping(agent):
     """Answer True: the agent is alive."""
     return True
@@ -187,7 +199,7 @@ def grains_items(agent):
     }
 
 
-@command("minionutil.last_logs", read_only=True)
+@command("minionutil.last_logs", read_only=True, instant=True)
 def last_logs(agent, num: int = 100, level: str | None = None):
     """The agent's own most recent log lines, oldest first; `level` (e.g. warning) drops quieter ones."""
     if num < 1:

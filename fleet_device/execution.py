@@ -5,8 +5,9 @@ The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON 
 
     {"accepted": ID}     fsynced before the command runs (and before the message is acknowledged),
     {"result": {...}}    fsynced before the result is published,
-    {"acked": ID}        when the broker acknowledged the result (not fsynced: losing it only
-                         means the result is sent once more, and the server ignores repeats).
+    {"acked": ID}        once the broker acknowledged the result, at the supervisor's next look
+                         (not fsynced: losing it only means the result is sent once more, and
+                         the server ignores repeats).
 
 A read-only command (`read_only` in the command table: test.ping, docker.ps, ...) is written
 without the two fsyncs: running one twice does no harm, so a power loss may at worst make
@@ -20,7 +21,10 @@ ids accepted that never got a result: the agent stopped while they ran, so they 
 failed. Past a bound it is rewritten atomically with only what is still needed.
 
 Each command runs in a thread of its own, at most `max_parallel` at once, never on the MQTT
-network thread or the agent's message thread, so a long deploy does not hold up a ping. A thread
+network thread or the agent's message thread, so a long deploy does not hold up a ping. The
+exception is an `instant` command (test.ping, minionutil.last_logs: answered from memory at
+once): when a slot is free it runs on the message thread right after it is journaled, which
+spares a thread wake-up on two busy cores; it still takes a slot and is still timed. A thread
 that finished a command waits a while for the next one: handing a command to a waiting thread
 is quicker than starting one (which waits for the new thread to run). One
 supervisor thread enforces timeouts (the command is reported `timed_out` and its late result
@@ -216,6 +220,7 @@ class CommandRun:
     expires_monotonic: float | None = None  # from the broker's remaining MessageExpiryInterval
     correlation: bytes | None = None
     durable: bool = True  # journaled with fsyncs: false only for read-only commands
+    instant: bool = False  # answers from memory at once: may run on the thread that accepted it
     accepted_monotonic: float = field(default_factory=time.monotonic)
     state: str = "delivered"
     started_at: float | None = None
@@ -272,13 +277,9 @@ class CommandRunner:
         self._resend.set()
         self._wakeup.set()
 
-    def published(self, *_):
-        """paho's on_publish: some result may be acknowledged now."""
-        self._wakeup.set()
-
     def handle_message(self, where: wire.DeviceTopic, message):
         """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
-        command = wire.decode(wire.command_message, message.payload)
+        command = wire.decode_command(message.payload)
         command_id = str(command["id"])
         properties = getattr(message, "properties", None)
         expiry = getattr(properties, "MessageExpiryInterval", None)
@@ -296,6 +297,7 @@ class CommandRunner:
             expires_monotonic=time.monotonic() + expiry if expiry is not None else None,
             correlation=getattr(properties, "CorrelationData", None),
             durable=not commands.is_read_only(command["command"]),
+            instant=commands.is_instant(command["command"]),
         )
         try:
             fresh = self.journal.accept(command_id, run.durable)
@@ -308,7 +310,8 @@ class CommandRunner:
         if not fresh:
             self._answer_repeat(command_id, run.correlation)
             return
-        log.info("command=%s name=%s accepted", command_id, run.name)
+        if not run.instant:  # an instant one logs its outcome a moment later; one line is enough
+            log.info("command=%s name=%s accepted", command_id, run.name)
         if run.expired():
             self._finish(run, "expired", error="the command's TTL passed before it reached the device; not run")
             return
@@ -322,6 +325,13 @@ class CommandRunner:
             wake = run not in started or run.started_monotonic + run.timeout < self._next_check
         if wake:
             self._wakeup.set()
+        if run.instant and run in started:
+            # Run here rather than hand it to a command thread: it holds a slot like any other
+            # (max_parallel) and stays in `_active`, so the supervisor would still time it out.
+            started.remove(run)
+            self._report_started(started)
+            self._run(run)
+            return
         self._report_started(started)
 
     def _answer_repeat(self, command_id: str, correlation: bytes | None):
@@ -532,9 +542,11 @@ class CommandRunner:
         self._publish(result, run.correlation, kept)
 
     def _track(self, command_id: str, info):
-        # No wake-up of the supervisor here: the broker's acknowledgement wakes it (`published`),
-        # and it looks again within `progress_delay` anyway. Waking it now would only compete with
-        # the network thread that is about to send the result.
+        # No wake-up of the supervisor, here or when the broker acknowledges the result: it marks
+        # acknowledged results in the journal at its next look (within `progress_delay`). Waking
+        # it for each would compete for the two cores with the network thread about to send the
+        # result and with the server storing it; a result acknowledged but not yet marked is at
+        # worst sent once more after a restart, and the server ignores repeats.
         with self._lock:
             self._in_flight[command_id] = info
 
@@ -543,12 +555,12 @@ class CommandRunner:
         properties = Properties(PacketTypes.PUBLISH)
         properties.CorrelationData = correlation or result["id"].encode()
         try:
-            payload = wire.encode(wire.command_result, result)
+            payload = wire.encode_command_result(result)
         except wire.WireError as exc:  # a bug; the server must still hear that the command ended
             log.error("command=%s result does not fit the wire contract: %s", result["id"], exc)
             result = {**result, "return": None, "truncated": False, "error": _cap_error(f"unsendable result: {exc}")}
             try:
-                payload = wire.encode(wire.command_result, result)
+                payload = wire.encode_command_result(result)
             except wire.WireError:
                 return None
         info = self.agent.client.publish(self.results_topic, payload, qos=1, properties=properties)

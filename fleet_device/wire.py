@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from dataclasses import dataclass
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
@@ -223,14 +224,7 @@ def decode(schema: Schema, payload: bytes) -> dict:
         document = json.loads(payload)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(f"payload is not JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise WireError("payload is not a JSON object")
-    try:
-        return schema.load(document)
-    except ValidationError as exc:
-        raise WireError(f"payload is invalid: {exc.messages}") from None
-    except RecursionError:
-        raise WireError("payload is nested too deeply") from None
+    return _load(schema, document)
 
 
 release_message = ReleaseMessageSchema()
@@ -422,6 +416,77 @@ class CommandResultSchema(_Message):
 
 command_message = CommandMessageSchema()
 command_result = CommandResultSchema()
+
+# The agent's hot path for a command: the schemas above cost it ~50 µs (decode) and ~50 µs
+# (encode) per message in marshmallow, as much as the rest of a ping's handling. A message in
+# the form the server writes, and a result in the form the agent builds, are checked by hand
+# instead: each check accepts only what the schema accepts and yields the same value (tested
+# against the schema), and anything else goes through the schema, which names what is wrong.
+
+_CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_COMMAND_KEYS = frozenset(("v", "id", "command", "arg", "kwarg", "timeout", "deadline"))
+_RESULT_KEYS = frozenset(("id", "state", "return", "error", "truncated", "started_at", "finished_at", "ts"))
+_REPORT_STATES = frozenset(COMMAND_REPORT_STATES)
+_EXACT_INT = 2 ** 53  # an int beyond this is left to the schema (float() would round or overflow)
+
+
+def _plain_number(value) -> bool:
+    """A finite float, or an int a float holds exactly (what fields.Float takes without question)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -_EXACT_INT <= value <= _EXACT_INT
+
+
+def decode_command(payload: bytes) -> dict:
+    """`decode(command_message, payload)`, with a message in the server's own form checked by hand."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return decode(command_message, payload)
+    try:
+        document = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return decode(command_message, payload)  # says what is wrong
+    if type(document) is not dict or document.keys() != _COMMAND_KEYS:
+        return _load(command_message, document)
+    version, command_id, name, arg, kwarg, timeout, deadline = (
+        document["v"], document["id"], document["command"], document["arg"], document["kwarg"],
+        document["timeout"], document["deadline"])
+    if (type(version) is not int or version != PROTOCOL_VERSION
+            or type(command_id) is not str or not _CANONICAL_UUID.match(command_id)
+            or type(name) is not str or not 1 <= len(name) <= 200
+            or type(arg) is not list
+            or type(kwarg) is not dict or not all(type(key) is str for key in kwarg)
+            or not (timeout is None or (_plain_number(timeout) and 0 < timeout <= MAX_COMMAND_TIMEOUT))
+            or not _plain_number(deadline)):
+        return _load(command_message, document)
+    return {"v": version, "id": uuid.UUID(command_id), "command": name, "arg": list(arg), "kwarg": dict(kwarg),
+            "timeout": None if timeout is None else float(timeout), "deadline": float(deadline)}
+
+
+def encode_command_result(result: dict) -> bytes:
+    """`encode(command_result, result)`, with a result in the agent's own form checked by hand."""
+    if not (result.keys() == _RESULT_KEYS
+            and type(result["id"]) is str and _CANONICAL_UUID.match(result["id"])
+            and type(result["state"]) is str and result["state"] in _REPORT_STATES
+            and (result["error"] is None
+                 or (type(result["error"]) is str and len(result["error"]) <= MAX_COMMAND_ERROR))
+            and type(result["truncated"]) is bool
+            and (result["started_at"] is None or _plain_number(result["started_at"]))
+            and (result["finished_at"] is None or _plain_number(result["finished_at"]))
+            and _plain_number(result["ts"])):
+        return encode(command_result, result)
+    return json.dumps({"v": PROTOCOL_VERSION, **result}, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _load(schema: Schema, document) -> dict:
+    """The schema's load of a parsed document, its complaints as WireError (as `decode` gives them)."""
+    if not isinstance(document, dict):
+        raise WireError("payload is not a JSON object")
+    try:
+        return schema.load(document)
+    except ValidationError as exc:
+        raise WireError(f"payload is invalid: {exc.messages}") from None
+    except RecursionError:
+        raise WireError("payload is nested too deeply") from None
 
 
 # --- Container parameters both sides interpret the same way -----------------

@@ -153,6 +153,13 @@ def test_commands_that_change_the_device_are_never_marked_read_only():
     }
 
 
+def test_only_commands_answered_from_memory_are_instant_and_an_instant_command_must_be_read_only():
+    assert {name for name, entry in commands.COMMANDS.items() if entry.instant} == {"test.ping", "minionutil.last_logs"}
+    with pytest.raises(ValueError, match="must be read-only"):
+        commands.command("test.rash", instant=True)
+    assert "test.rash" not in commands.COMMANDS
+
+
 # --- the runner ----------------------------------------------------------------------------
 
 class RecordingClient:
@@ -359,3 +366,97 @@ def test_last_logs_returns_the_newest_lines_at_or_above_a_level(agent):
     assert len(commands.execute(agent, "minionutil.last_logs", [], {"num": 1})) == 1
     with pytest.raises(commands.CommandError, match="unknown level"):
         commands.execute(agent, "minionutil.last_logs", [], {"level": "loud"})
+
+
+# --- instant commands: run on the thread that accepted them -------------------------------
+
+@pytest.fixture
+def instant_command():
+    """An instant command that notes where it ran and, when asked, holds on until released."""
+    calls = []
+    release = threading.Event()
+
+    @commands.command("test.instant", read_only=True, instant=True)
+    def instant(agent, hold: float = 0):
+        calls.append(threading.current_thread())
+        if hold:
+            release.wait(hold)
+        return len(calls)
+
+    yield SimpleNamespace(calls=calls, release=release)
+    release.set()
+    commands.COMMANDS.pop("test.instant", None)
+
+
+def test_an_instant_command_runs_and_is_answered_before_its_message_is_handled(agent, runner, instant_command):
+    message = _message(agent.unit_id, "test.instant")
+    runner.handle_message(None, message)
+    # No waiting: the result was published on this thread, before the message could be acknowledged.
+    (result,) = [r for r in agent.client.results(message.id) if r["state"] in wire.FINAL_COMMAND_STATES]
+    assert result["state"] == "succeeded" and result["return"] == 1
+    assert instant_command.calls == [threading.current_thread()]
+    assert runner._running == 0 and not runner._active
+    assert {"v": 1, **runner.journal.result(message.id)} == result
+    runner.handle_message(None, message)  # delivered again: answered from the journal, not run
+    assert instant_command.calls == [threading.current_thread()]
+    assert agent.client.results(message.id) == [result, result]
+
+
+def test_a_command_that_is_not_instant_runs_on_a_command_thread(agent, runner):
+    where = []
+
+    @commands.command("test.where", read_only=True)
+    def note_where(agent):
+        where.append(threading.current_thread())
+        return True
+
+    try:
+        message = _message(agent.unit_id, "test.where")
+        runner.handle_message(None, message)
+        assert _final(agent, message.id)[0]["state"] == "succeeded"
+        assert where and where[0] is not threading.current_thread()
+    finally:
+        commands.COMMANDS.pop("test.where", None)
+
+
+def test_an_instant_command_waits_for_a_free_slot_like_any_other(agent, runner, slow_command, instant_command):
+    blockers = [_message(agent.unit_id, "test.wait", [30]) for _ in range(2)]  # the runner's max_parallel is 2
+    for message in blockers:
+        runner.handle_message(None, message)
+    waiting = _message(agent.unit_id, "test.instant")
+    runner.handle_message(None, waiting)  # returns at once: it waits, it does not run here
+    assert instant_command.calls == []
+    eventually(lambda: agent.client.results(waiting.id), 5, 0.01, message="a delivered report")
+    slow_command.set()
+    assert _final(agent, waiting.id)[0]["state"] == "succeeded"
+    assert [r["state"] for r in agent.client.results(waiting.id)] == ["delivered", "running", "succeeded"]
+    assert instant_command.calls[0] is not threading.current_thread()
+
+
+def test_an_instant_command_that_hangs_is_still_timed_out_and_its_late_result_dropped(agent, runner, instant_command):
+    message = _message(agent.unit_id, "test.instant", [30], timeout=0.2)
+    handling = threading.Thread(target=runner.handle_message, args=(None, message), daemon=True)
+    handling.start()
+    (result,) = _final(agent, message.id)
+    assert result["state"] == "timed_out" and "0.2 s" in result["error"]
+    assert handling.is_alive()  # the supervisor reported it while it still held the thread
+    instant_command.release.set()
+    handling.join(5)
+    assert not handling.is_alive()
+    assert [r["state"] for r in agent.client.results(message.id)] == ["running", "timed_out"]
+    ping = _message(agent.unit_id)
+    runner.handle_message(None, ping)
+    assert agent.client.results(ping.id)[-1]["state"] == "succeeded"
+
+
+def test_the_agents_inbox_holds_at_most_its_limit_and_leaves_the_rest_to_the_broker(tmp_path):
+    from fleet_device import agent as agent_module
+
+    device = agent_module.Agent(agent_module.AgentConfig(unit_id=str(uuid.uuid4()), state_dir=tmp_path,
+                                                         minion_id_file=None),
+                                deployer=SimpleNamespace(report=None))
+    message = SimpleNamespace(topic="t", payload=b"", qos=1, mid=1)
+    for _ in range(agent_module.INBOX_LIMIT + 5):
+        device._on_message(device.client, None, message)
+    assert device.inbox.qsize() == agent_module.INBOX_LIMIT
+    device.command_runner.journal.close()
