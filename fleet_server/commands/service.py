@@ -317,6 +317,10 @@ _ADVANCE = {state: _advance_update(state) for state in wire.COMMAND_REPORT_STATE
 
 def _advance(device, command_id: str, report: dict) -> bool:
     """Store the report if it moves an unfinished command of this device forward; False if it does not."""
+    return _ADVANCE[report["state"]].run(db.session.connection(), _advance_parameters(device, command_id, report)) == 1
+
+
+def _advance_parameters(device, command_id: str, report: dict) -> dict:
     state = report["state"]
     values = {
         "command_id": command_id,
@@ -328,7 +332,7 @@ def _advance(device, command_id: str, report: dict) -> bool:
         values.update(return_value=report["return_value"], error=report["error"], truncated=report["truncated"],
                       finished_at=_moment(report["finished_at"]))
     values["now"] = utcnow()
-    return _ADVANCE[state].run(db.session.connection(), values) == 1
+    return values
 
 
 def _update_from_report(device, command_id: str, report: dict) -> bool:
