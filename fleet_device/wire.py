@@ -413,6 +413,41 @@ class CommandResultSchema(_Message):
     finished_at = fields.Float(load_default=None, allow_none=True)
     ts = fields.Float(required=True)
 
+    def load_usual(self, document: dict) -> dict | None:
+        """The usual report (plain JSON types, every value valid) checked by plain code, which costs
+        a tenth of `load`: the dict `load` would give, or None for anything else, left to `load`
+        (which accepts the rarer spellings, such as numbers as strings, and names what is wrong)."""
+        identifier, state, error = document.get("id"), document.get("state"), document.get("error")
+        truncated = document.get("truncated", False)
+        if (document.get("v") != PROTOCOL_VERSION or type(document.get("v")) is not int
+                or type(identifier) is not str or type(state) is not str or state not in COMMAND_REPORT_STATES
+                or type(truncated) is not bool
+                or not (error is None or (type(error) is str and len(error) <= MAX_COMMAND_ERROR))):
+            return None
+        sent = [document.get(name) for name in ("ts", "started_at", "finished_at")]
+        ts, started_at, finished_at = moments = [None if value is None else _plain_float(value) for value in sent]
+        if ts is None or any(moment is None and value is not None for moment, value in zip(moments, sent)):
+            return None
+        try:
+            identifier = uuid.UUID(identifier)
+        except ValueError:
+            return None
+        return {"v": PROTOCOL_VERSION, "id": identifier, "state": state, "return_value": document.get("return"),
+                "error": error, "truncated": truncated, "started_at": started_at, "finished_at": finished_at,
+                "ts": ts}
+
+
+def _plain_float(value) -> float | None:
+    """A JSON number as the float marshmallow's Float gives; None for anything it would not take as is."""
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return None
+
 
 command_message = CommandMessageSchema()
 command_result = CommandResultSchema()
@@ -481,6 +516,11 @@ def _load(schema: Schema, document) -> dict:
     """The schema's load of a parsed document, its complaints as WireError (as `decode` gives them)."""
     if not isinstance(document, dict):
         raise WireError("payload is not a JSON object")
+    load_usual = getattr(schema, "load_usual", None)  # a schema's fast check of its usual message, if it has one
+    if load_usual is not None:
+        loaded = load_usual(document)
+        if loaded is not None:
+            return loaded
     try:
         return schema.load(document)
     except ValidationError as exc:

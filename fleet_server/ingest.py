@@ -2,9 +2,11 @@
 import contextlib
 import logging
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from fleet_device import wire
 
+from .driver_statements import DriverStatement
 from .extensions import db
 from .logbook.service import record_telemetry
 from .models import Deployment, Device, Release, release_devices
@@ -185,9 +187,7 @@ def handle_batch(messages) -> list[bool]:
     if not wanted:
         return [entry is not None for entry in decoded]
     _begin_writing()
-    # Handlers are given the device as an (id, unit_id) row: none needs more of it.
-    devices = {device.unit_id: device
-               for device in db.session.connection().execute(_DEVICES_BY_UNIT_ID, {"unit_ids": list(wanted)})}
+    devices = _devices(wanted)
     deployment_reports = _deployment_reports(devices, decoded)
     # A lone message needs no savepoint: if it is rejected, undoing the whole transaction undoes
     # only its writes. That spares two statements on every report that arrives by itself.
@@ -229,6 +229,26 @@ def _deployment_reports(devices, decoded) -> DeploymentReports | None:
 
 _DEVICES_BY_UNIT_ID = db.select(_device.c.id, _device.c.unit_id).where(
     _device.c.unit_id.in_(db.bindparam("unit_ids", expanding=True)))
+# A quiet fleet's reports come one at a time: one device, read on the driver (DriverStatement).
+_DEVICE_BY_UNIT_ID = DriverStatement(db.select(_device.c.id, _device.c.unit_id).where(
+    _device.c.unit_id == db.bindparam("unit_id")))
+
+
+class DeviceRow(NamedTuple):
+    """What handlers are given of the device a topic names: none needs more of it."""
+
+    id: str
+    unit_id: str
+
+
+def _devices(unit_ids: set) -> dict:
+    """{unit_id: DeviceRow} of the devices that exist among `unit_ids`."""
+    connection = db.session.connection()
+    if len(unit_ids) == 1:
+        rows = _DEVICE_BY_UNIT_ID.rows(connection, {"unit_id": next(iter(unit_ids))})
+    else:
+        rows = connection.execute(_DEVICES_BY_UNIT_ID, {"unit_ids": list(unit_ids)})
+    return {unit_id: DeviceRow(device_id, unit_id) for device_id, unit_id in rows}
 
 
 def _decode(topic: str, payload: bytes):
@@ -252,4 +272,7 @@ def _begin_writing():
     """
     connection = db.session.connection()
     if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _BEGIN_IMMEDIATE.run(connection, {})
+
+
+_BEGIN_IMMEDIATE = DriverStatement(db.text("BEGIN IMMEDIATE"))

@@ -347,3 +347,40 @@ def test_the_answer_to_a_post_reads_back_the_same_from_the_database(client, auth
     assert created.status_code == 201 and created.mimetype == "application/json"
     read = client.get(f"/dongle/devices/{device['id']}/execute/{created.get_json()['id']}/", headers=auth)
     assert created.get_json() == read.get_json()  # no broker here: nothing changed it since
+
+
+@pytest.mark.parametrize("state, fields", [
+    ("running", {"started_at": 1700000000.123456}),
+    ("succeeded", {"return": {"containers": [{"name": "wéb ✓", "ports": [80, 443]}], "ok": None, "ratio": 0.1},
+                   "truncated": True, "started_at": 1700000000.5, "finished_at": 1700000001.000001}),
+    ("succeeded", {"return": None}),
+    ("failed", {"error": "no container named 'web'\nline two", "finished_at": 1700000002.25}),
+    ("timed_out", {"return": [1, "two", False], "truncated": False}),
+])
+def test_a_report_stored_on_the_driver_is_stored_exactly_as_sqlalchemys_execution_stores_it(
+    app, client, auth, device, state, fields
+):
+    """The usual report's UPDATE runs on the DB-API cursor with its parameters bound through their
+    SQLAlchemy types; what it stores (timestamps as text on SQLite, the JSON return value, the
+    flag) must be what SQLAlchemy's execution of the same statement stores, down to the byte."""
+    on_driver = _execute(client, auth, device, command="docker.ps").get_json()["id"]
+    through_sqlalchemy = _execute(client, auth, device, command="docker.ps").get_json()["id"]
+    report = wire.command_result.load({"v": 1, "id": on_driver, "state": state, "ts": 1700000003.5, **fields})
+    # The columns the report writes (the others differ: the two commands were created apart).
+    columns = list(service._FINAL_FIELDS if state in wire.FINAL_COMMAND_STATES else service._PROGRESS_FIELDS)
+    with app.app_context():
+        row = ingest.DeviceRow(device["id"], device["unit_id"])
+        parameters = service._advance_parameters(row, on_driver, report)
+        connection = db.session.connection()
+        assert service._ADVANCE[state].run(connection, parameters) == 1
+        connection.execute(service._ADVANCE[state].statement, {**parameters, "command_id": through_sqlalchemy})
+        db.session.commit()
+        # Each column as the database holds it: SQLite's quote() keeps the storage class, PostgreSQL's text form.
+        sqlite = db.engine.dialect.name == "sqlite"
+        shown = ", ".join(f"quote({name})" if sqlite else f"CAST({name} AS TEXT)" for name in columns)
+        stored = {command_id: db.session.connection().exec_driver_sql(
+            f"SELECT {shown} FROM command WHERE id = {'?' if sqlite else '%(id)s'}",
+            (command_id,) if sqlite else {"id": command_id}).one()
+            for command_id in (on_driver, through_sqlalchemy)}
+    assert dict(zip(columns, stored[on_driver])) == dict(zip(columns, stored[through_sqlalchemy]))
+    assert dict(zip(columns, stored[on_driver]))["state"] in (f"'{state}'", state)

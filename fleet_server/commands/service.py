@@ -293,19 +293,26 @@ def _advance_update(state: str):
     if state in wire.FINAL_COMMAND_STATES:
         values.update({name: db.bindparam(name) for name in ("return_value", "error", "truncated", "finished_at")},
                       completed_at=now, next_attempt_at=None)
-    return (
+    # Run on the driver (DriverStatement): the states are bound one by one, not as an expanding list.
+    return DriverStatement(
         db.update(Command.__table__)
         .where(_COLUMNS.id == db.bindparam("command_id"), _COLUMNS.device_id == db.bindparam("of_device"),
-               _COLUMNS.state.in_(earlier))
-        .values(values)
+               _COLUMNS.state.in_([db.literal(s, _COLUMNS.state.type) for s in earlier]))
+        .values(values),
+        typed=True,  # timestamps, the JSON return value and the flag stored as SQLAlchemy's execution stores them
     )
 
 
+# The usual report's only statement: run on the driver, it skips SQLAlchemy's execution, which cost more than it.
 _ADVANCE = {state: _advance_update(state) for state in wire.COMMAND_REPORT_STATES}
 
 
 def _advance(device, command_id: str, report: dict) -> bool:
     """Store the report if it moves an unfinished command of this device forward; False if it does not."""
+    return _ADVANCE[report["state"]].run(db.session.connection(), _advance_parameters(device, command_id, report)) == 1
+
+
+def _advance_parameters(device, command_id: str, report: dict) -> dict:
     state = report["state"]
     values = {
         "command_id": command_id,
@@ -317,7 +324,7 @@ def _advance(device, command_id: str, report: dict) -> bool:
         values.update(return_value=report["return_value"], error=report["error"], truncated=report["truncated"],
                       finished_at=_moment(report["finished_at"]))
     values["now"] = utcnow()
-    return db.session.connection().execute(_ADVANCE[state], values).rowcount == 1
+    return values
 
 
 def _update_from_report(device, command_id: str, report: dict) -> bool:
