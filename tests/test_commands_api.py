@@ -384,3 +384,20 @@ def test_a_report_stored_on_the_driver_is_stored_exactly_as_sqlalchemys_executio
             for command_id in (on_driver, through_sqlalchemy)}
     assert dict(zip(columns, stored[on_driver])) == dict(zip(columns, stored[through_sqlalchemy]))
     assert dict(zip(columns, stored[on_driver]))["state"] in (f"'{state}'", state)
+
+
+def test_a_command_is_stored_as_sqlalchemys_own_insert_would_store_it(app, client, auth, device):
+    created = _execute(client, auth, device, command="docker.logs", arg=["web", {"ä": [1.5, None]}],
+                       kwarg={"tail": 5, "z": {"b": True}}, timeout=2.5, ttl=90).get_json()
+    with app.app_context():
+        table = Command.__table__
+        connection = db.session.connection()
+        mine = connection.execute(db.select(table).where(table.c.id == created["id"])).mappings().one()
+        again = {**{name: mine[name] for name in service._CREATED_COLUMNS}, "id": str(uuid.uuid4())}
+        connection.execute(db.insert(table), again)
+        raw = connection.exec_driver_sql  # the stored values themselves, without SQLAlchemy's result processing
+        ours, theirs = (raw("SELECT * FROM command WHERE id = " + ("?" if connection.dialect.name == "sqlite"
+                                                                    else "%s"), (command_id,)).one()
+                        for command_id in (created["id"], again["id"]))
+        assert ours[1:] == theirs[1:] and ours[0] == created["id"]
+        db.session.rollback()

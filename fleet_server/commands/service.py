@@ -41,7 +41,14 @@ EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; 
 # Built once: building a statement costs more than running it, and nothing else should sit
 # between a command's creation and its publication.
 _UNIT_ID_OF = DriverStatement(db.select(Device.unit_id).where(Device.id == db.bindparam("device_pk")))
-_INSERT_COMMAND = db.insert(Command.__table__)
+# The columns a new command is stored with; the others start empty.
+_CREATED_COLUMNS = ("id", "device_id", "command", "arg", "kwarg", "timeout", "ttl", "state", "truncated",
+                    "created_at", "expires_at", "published_at", "attempts", "next_attempt_at")
+_INSERT_COMMAND = DriverStatement(
+    db.insert(Command.__table__).values(
+        {name: db.bindparam(name, type_=Command.__table__.c[name].type) for name in _CREATED_COLUMNS}),
+    typed=True,  # stored as SQLAlchemy's execution stores them: timestamps, the JSON arguments, the flag
+)
 
 
 def create_command(device_pk: str, data: dict) -> dict:
@@ -73,10 +80,10 @@ def create_command(device_pk: str, data: dict) -> dict:
         "attempts": 1,
         "next_attempt_at": now + retry_interval(1),
     }
-    # One prepared INSERT on the table rather than the ORM's unit of work or bulk insert, and no
-    # reload after the commit: nothing stands between the commit and the publication. The
-    # response shows the command as it was created, whatever a worker stores meanwhile.
-    connection.execute(_INSERT_COMMAND, row)
+    # One INSERT on the driver rather than the ORM's unit of work, and no reload after the commit:
+    # nothing stands between the commit and the publication. The response shows the command
+    # as it was created, whatever a worker stores meanwhile.
+    _INSERT_COMMAND.run(connection, row)
     db.session.commit()
     # Published from the row's values, before anything is built for the response.
     if not _publish_now(SimpleNamespace(**row), unit_id):
