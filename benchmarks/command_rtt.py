@@ -14,15 +14,21 @@ from this checkout, then posts `test.ping` `--runs` times one after another and 
 - client-side, in a second phase (`--client-runs`): POST sent → a GET first shows the final
   state (polled every `--poll` s).
 
+- the floor: then, with Fleet's processes stopped, as many round trips through bare parts on
+  the same machinery (rtt_floor.py: gunicorn, paho, the same Mosquitto and database file, none
+  of Fleet's code), and Fleet's ratio to it at p50.
+
+The timed POSTs are sent with http.client on a fresh connection (`--client requests` for a
+requests session, which spends about 1.5 ms of its own CPU on each POST here before it leaves).
 The timed phase stands for a client on another machine: after the POST is answered it sleeps
 `--settle` seconds, then reads the stamps (polling only if the result is not stored yet), so
 neither its GETs nor a watcher written in Python compete for the two cores during the round
 trip they measure. The bystander is a C program whose output is read at the end.
 
-Bounded: at most `--runs` commands (default 200) and `--budget` seconds (default 120).
+Bounded: at most `--warmup` + `--runs` commands per phase and `--budget` seconds (default 120) each.
 Nothing leaves loopback; everything lives in a temporary directory removed at the end.
 
-    .venv/bin/python benchmarks/command_rtt.py [--runs 200] [--warmup 20]
+    .venv/bin/python benchmarks/command_rtt.py [--runs 200] [--warmup 100] [--client lean|requests] [--no-floor]
 """
 from __future__ import annotations
 
@@ -306,7 +312,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="measured commands (default 200)")
-    parser.add_argument("--warmup", type=int, default=20, help="commands before measuring (default 20)")
+    parser.add_argument("--warmup", type=int, default=100,
+                        help="commands before measuring (default 100: a fresh database's write-ahead log grows "
+                             "over its first 4 MB, and each commit that lengthens the file costs more than one "
+                             "that reuses it, as a running server's do)")
     parser.add_argument("--poll", type=float, default=0.005, help="seconds between a client's GETs (default 0.005)")
     parser.add_argument("--settle", type=float, default=0.03,
                         help="seconds the timed runs wait after the POST answered before reading the stamps "
