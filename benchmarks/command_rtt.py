@@ -243,14 +243,20 @@ def run(args) -> int:
                 print(summary("  " + name, values))
         print(f"failed: {failures}")
         if not args.no_floor and server_side and not failures:
-            for process in fleet:  # nothing of Fleet's runs beside the floor
+            for process in fleet:  # nothing of Fleet's runs during the floor's round trips
                 process.terminate()
                 process.wait(10)
-            floor = run_floor(args, processes, work, env, broker_port, token, device_id, unit_id)
-            if floor is None:
-                return 1
-            floor_server, floor_post = floor
-            print("the floor: the same round trip through bare parts (benchmarks/rtt_floor.py), same run")
+            floor = Floor(processes, work, env, broker_port, token, device_id, unit_id)
+            floor_deadline = time.monotonic() + args.budget
+            for number in range(args.warmup + args.runs):
+                if time.monotonic() > floor_deadline:
+                    log.warning("time budget spent after %d floor commands", number)
+                    break
+                floor.post(timed=number >= args.warmup)
+                time.sleep(args.settle)
+            floor_server, floor_post = floor.timings()
+            print("the floor: the same round trip through bare parts (benchmarks/rtt_floor.py), same run, "
+                  "after Fleet's processes stopped")
             print(summary("created → result stored (floor)", floor_server))
             print(summary("POST sent → result stored (floor)", floor_post))
             print(f"Fleet / floor at p50: created → stored "
@@ -262,51 +268,58 @@ def run(args) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_floor(args, processes: Processes, work: Path, env: dict, broker_port: int, token: str, device_id: str,
-              unit_id: str):
-    """Time the floor's round trips (see rtt_floor.py); (created → stored, POST sent → stored) in seconds."""
-    http_port = free_port()
-    floor_env = {**env, "FLOOR_DATABASE": env["FLEET_DATABASE_URL"].removeprefix("sqlite:///"),
-                 "FLOOR_BROKER_PORT": str(broker_port), "FLOOR_UNIT_ID": unit_id,
-                 "FLOOR_JOURNAL": str(work / "floor-journal"),
-                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
-    processes.start("floor-worker", [sys.executable, "-m", "benchmarks.rtt_floor", "worker"], floor_env)
-    processes.start("floor-agent", [sys.executable, "-m", "benchmarks.rtt_floor", "agent"], floor_env)
-    processes.start("floor-web", [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{http_port}", "--workers",
-                                  "2", "--pythonpath", str(REPO), "benchmarks.rtt_floor:web_app"], floor_env)
-    wait_for(lambda: answers(f"http://127.0.0.1:{http_port}/"), 60, "the floor's web server")
-    path = f"/dongle/devices/{device_id}/execute/"
-    headers = {"Authorization": f"APIToken {token}", "Content-Type": "application/json"}
-    body = json.dumps(PING).encode()
-    floor_db = floor_env["FLOOR_DATABASE"]
-    sent_at: dict[str, float] = {}
-    deadline = time.monotonic() + args.budget
-    for number in range(args.warmup + args.runs):
-        if time.monotonic() > deadline:
-            log.warning("time budget of %.0f s spent after %d floor commands", args.budget, number)
-            break
-        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+
+class Floor:
+    """The bare parts of rtt_floor.py, running; `post()` times one round trip through them."""
+
+    def __init__(self, processes: Processes, work: Path, env: dict, broker_port: int, token: str, device_id: str,
+                 unit_id: str):
+        self.port = free_port()
+        floor_env = {**env, "FLOOR_DATABASE": env["FLEET_DATABASE_URL"].removeprefix("sqlite:///"),
+                     "FLOOR_BROKER_PORT": str(broker_port), "FLOOR_UNIT_ID": unit_id,
+                     "FLOOR_JOURNAL": str(work / "floor-journal"),
+                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
+        self.database = floor_env["FLOOR_DATABASE"]
+        processes.start("floor-worker", [sys.executable, "-m", "benchmarks.rtt_floor", "worker"], floor_env)
+        processes.start("floor-agent", [sys.executable, "-m", "benchmarks.rtt_floor", "agent"], floor_env)
+        processes.start("floor-web", [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}",
+                                      "--workers", "2", "--pythonpath", str(REPO), "benchmarks.rtt_floor:web_app"],
+                        floor_env)
+        self.path = f"/dongle/devices/{device_id}/execute/"
+        self.headers = {"Authorization": f"APIToken {token}", "Content-Type": "application/json"}
+        self.sent_at: dict[str, float] = {}
+        wait_for(lambda: answers(f"http://127.0.0.1:{self.port}/"), 60, "the floor's web server")
+        # Its agent and worker may still be subscribing: the first round trip must come back.
+        wait_for(lambda: self._stored(self.post(timed=False)), 30, "the floor's first result", interval=0.5)
+
+    def post(self, timed: bool = True) -> str:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             sent_epoch = time.time()
-            connection.request("POST", path, body=body, headers=headers)
+            connection.request("POST", self.path, body=json.dumps(PING).encode(), headers=self.headers)
             command_id = json.loads(connection.getresponse().read())["id"]
         finally:
             connection.close()
-        time.sleep(args.settle)
-        if number >= args.warmup:
-            sent_at[command_id] = sent_epoch
-        elif number == 0:  # the agent and worker may still be subscribing: wait for the first result
-            wait_for(lambda: rtt_floor.stamps(floor_db, [command_id]).get(command_id, (0, None))[1], 30,
-                     "the floor's first result")
-    time.sleep(0.5)
-    stored = rtt_floor.stamps(floor_db, list(sent_at))
-    done = {command_id: stamp for command_id, stamp in stored.items() if stamp[1] is not None}
-    if len(done) < len(sent_at):
-        log.error("the floor stored %d of %d results", len(done), len(sent_at))
-        return None
-    return ([completed - created for created, completed in done.values()],
-            [done[command_id][1] - sent for command_id, sent in sent_at.items()])
+        if timed:
+            self.sent_at[command_id] = sent_epoch
+        return command_id
 
+    def _stored(self, command_id: str) -> bool:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            if rtt_floor.stamps(self.database, [command_id]).get(command_id, (0, None))[1] is not None:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def timings(self) -> tuple[list[float], list[float]]:
+        """(created → stored, POST sent → stored) in seconds, of every timed round trip."""
+        stored = rtt_floor.stamps(self.database, list(self.sent_at))
+        missing = [command_id for command_id in self.sent_at if stored.get(command_id, (0, None))[1] is None]
+        if missing:
+            raise RuntimeError(f"the floor stored {len(self.sent_at) - len(missing)} of {len(self.sent_at)} results")
+        return ([stored[command_id][1] - stored[command_id][0] for command_id in self.sent_at],
+                [stored[command_id][1] - sent for command_id, sent in self.sent_at.items()])
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

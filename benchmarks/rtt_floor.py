@@ -15,9 +15,10 @@ and index pages written are Fleet's.
   device and the command's unfinished state, commits, acknowledges the message.
 
 No validation schemas, no ORM, no web framework, no thread of its own. What Fleet's round trip
-takes beyond this one is what Fleet's own code costs. Configured by FLOOR_* environment
-variables; started by command_rtt.py (`python -m benchmarks.rtt_floor agent|worker`, gunicorn
-`benchmarks.rtt_floor:web_app`).
+takes beyond this one is what Fleet's own code costs. It uses topics of its own, so that no
+process of Fleet's left running could take its messages. Configured by FLOOR_*
+environment variables; started by command_rtt.py (`python -m benchmarks.rtt_floor agent|worker`,
+gunicorn `benchmarks.rtt_floor:web_app`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-TOPIC_ROOT = "fleet/v1/devices"
+# Topics of its own: no process of Fleet's may take the floor's messages.
+TOPIC_ROOT = "fleet-floor/v1/devices"
 
 
 def _stored_time(moment: float) -> str:
@@ -163,7 +165,7 @@ def run_worker():
 
     client = _connected_client(f"floor-worker-{os.getpid()}", manual_ack=True)
     client.on_message = on_message
-    client.subscribe(f"{TOPIC_ROOT}/+/results", qos=1)
+    client.subscribe(f"{TOPIC_ROOT}/+/results", qos=1)  # only the floor's devices use its topics
     threading.Event().wait()
 
 
