@@ -171,12 +171,12 @@ def run_worker():
 
 def stamps(database_path: str, command_ids: list[str]) -> dict[str, tuple[float, float | None]]:
     """command id → (created_at, completed_at) as epoch seconds, read from the floor's rows."""
-    connection = sqlite3.connect(database_path)
+    wanted, connection = set(command_ids), sqlite3.connect(database_path)
     try:
         found = {}
         for command_id, created_at, completed_at in connection.execute(
                 "SELECT id, created_at, completed_at FROM command"):
-            if command_id in command_ids:
+            if command_id in wanted:
                 found[command_id] = tuple(
                     None if text is None else datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
                     for text in (created_at, completed_at))

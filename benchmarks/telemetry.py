@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ import requests
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from harness import answers, free_port, wait_for  # noqa: E402  (also puts the checkout on sys.path)
+from harness import answers, free_port, lean_request, wait_for  # noqa: E402  (also puts the checkout on sys.path)
 from fleet_device.telemetry import Telemetry, TelemetryConfig
 from fleet_server.logbook import service
 
@@ -238,17 +237,6 @@ def raw_read_plan(engine, database: str, device_id: str) -> list[str]:
     return [str(row[-1]) for row in rows]
 
 
-def _lean_get(port: int, target: str, headers: dict) -> tuple[int, bytes]:
-    """One GET on a new connection with the standard library's client, the whole body read in one call."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", target, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 def measure_reads(tmp: Path, env: dict, device_id: str, token: str, repeats: int) -> dict:
     """Each case's requests, timed with two clients in turn on the same server.
 
@@ -275,13 +263,13 @@ def measure_reads(tmp: Path, env: dict, device_id: str, token: str, repeats: int
         for name, extra in cases.items():
             params = {"device_id": device_id, "field": "obd.bat.voltage", "field_type": "double", **day, **extra}
             target = "/logbook/storage/read/?" + urlencode(params)
-            status, body = _lean_get(port, target, headers)
+            status, body = lean_request(port, "GET", target, headers)
             assert status == 200, body[:500]
             entries = len(json.loads(body))
             timings = {"lean": [], "requests": []}
             for _ in range(repeats):
                 began = time.perf_counter()
-                status, body = _lean_get(port, target, headers)
+                status, body = lean_request(port, "GET", target, headers)
                 timings["lean"].append((time.perf_counter() - began) * 1000)
                 assert status == 200 and len(body) > 1, body[:500]
                 began = time.perf_counter()

@@ -279,7 +279,7 @@ class CommandRunner:
 
     def handle_message(self, where: wire.DeviceTopic, message):
         """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
-        command = wire.decode_command(message.payload)
+        command = wire.decode(wire.command_message, message.payload)
         command_id = str(command["id"])
         properties = getattr(message, "properties", None)
         expiry = getattr(properties, "MessageExpiryInterval", None)
@@ -555,12 +555,12 @@ class CommandRunner:
         properties = Properties(PacketTypes.PUBLISH)
         properties.CorrelationData = correlation or result["id"].encode()
         try:
-            payload = wire.encode_command_result(result)
+            payload = wire.encode(wire.command_result, result)
         except wire.WireError as exc:  # a bug; the server must still hear that the command ended
             log.error("command=%s result does not fit the wire contract: %s", result["id"], exc)
             result = {**result, "return": None, "truncated": False, "error": _cap_error(f"unsendable result: {exc}")}
             try:
-                payload = wire.encode_command_result(result)
+                payload = wire.encode(wire.command_result, result)
             except wire.WireError:
                 return None
         info = self.agent.client.publish(self.results_topic, payload, qos=1, properties=properties)

@@ -208,11 +208,17 @@ class StatusSchema(_Message):
 
 
 def encode(schema: Schema, message: dict) -> bytes:
-    """Serialise a payload after checking it against its schema."""
+    """Serialise a payload after checking it against its schema.
+
+    A schema may have a quick check of its usual message in plain code (`is_usual`); what it
+    passes skips the schema's own validation, which names what is wrong with anything else.
+    """
     body = {"v": PROTOCOL_VERSION, **message}
-    errors = schema.validate(body)
-    if errors:
-        raise WireError(f"outgoing {type(schema).__name__} is invalid: {errors}")
+    is_usual = getattr(schema, "is_usual", None)
+    if is_usual is None or not is_usual(message):
+        errors = schema.validate(body)
+        if errors:
+            raise WireError(f"outgoing {type(schema).__name__} is invalid: {errors}")
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -224,7 +230,19 @@ def decode(schema: Schema, payload: bytes) -> dict:
         document = json.loads(payload)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(f"payload is not JSON: {exc}") from None
-    return _load(schema, document)
+    if not isinstance(document, dict):
+        raise WireError("payload is not a JSON object")
+    load_usual = getattr(schema, "load_usual", None)  # a schema's quick check of its usual message, if it has one
+    if load_usual is not None:
+        loaded = load_usual(document)
+        if loaded is not None:
+            return loaded
+    try:
+        return schema.load(document)
+    except ValidationError as exc:
+        raise WireError(f"payload is invalid: {exc.messages}") from None
+    except RecursionError:
+        raise WireError("payload is nested too deeply") from None
 
 
 release_message = ReleaseMessageSchema()
@@ -386,6 +404,24 @@ class CommandMessageSchema(_Message):
                            validate=validate.Range(min=0, min_inclusive=False, max=MAX_COMMAND_TIMEOUT))
     deadline = fields.Float(required=True)
 
+    def load_usual(self, document: dict) -> dict | None:
+        """A message in the server's own form checked by plain code: what `load` would give, or None."""
+        if document.keys() != _COMMAND_KEYS:
+            return None
+        version, command_id, name, arg, kwarg, timeout, deadline = (
+            document["v"], document["id"], document["command"], document["arg"], document["kwarg"],
+            document["timeout"], document["deadline"])
+        if (type(version) is not int or version != PROTOCOL_VERSION
+                or type(command_id) is not str or not _CANONICAL_UUID.match(command_id)
+                or type(name) is not str or not 1 <= len(name) <= 200
+                or type(arg) is not list
+                or type(kwarg) is not dict or not all(type(key) is str for key in kwarg)
+                or not (timeout is None or (_plain_number(timeout) and 0 < timeout <= MAX_COMMAND_TIMEOUT))
+                or not _plain_number(deadline)):
+            return None
+        return {"v": version, "id": uuid.UUID(command_id), "command": name, "arg": list(arg), "kwarg": dict(kwarg),
+                "timeout": None if timeout is None else float(timeout), "deadline": float(deadline)}
+
 
 def command_payload(command_id: str, command: str, arg: list, kwarg: dict, timeout: float | None,
                     deadline: float) -> bytes:
@@ -425,9 +461,9 @@ class CommandResultSchema(_Message):
                 or not (error is None or (type(error) is str and len(error) <= MAX_COMMAND_ERROR))):
             return None
         sent = [document.get(name) for name in ("ts", "started_at", "finished_at")]
-        ts, started_at, finished_at = moments = [None if value is None else _plain_float(value) for value in sent]
-        if ts is None or any(moment is None and value is not None for moment, value in zip(moments, sent)):
+        if sent[0] is None or not all(value is None or _plain_number(value) for value in sent):
             return None
+        ts, started_at, finished_at = [None if value is None else float(value) for value in sent]
         try:
             identifier = uuid.UUID(identifier)
         except ValueError:
@@ -436,27 +472,28 @@ class CommandResultSchema(_Message):
                 "error": error, "truncated": truncated, "started_at": started_at, "finished_at": finished_at,
                 "ts": ts}
 
-
-def _plain_float(value) -> float | None:
-    """A JSON number as the float marshmallow's Float gives; None for anything it would not take as is."""
-    if type(value) is float:
-        return value if math.isfinite(value) else None
-    if type(value) is int:
-        try:
-            return float(value)
-        except OverflowError:
-            return None
-    return None
+    def is_usual(self, result: dict) -> bool:
+        """Whether a result in the agent's own form is valid, checked by plain code (see `encode`)."""
+        return (result.keys() == _RESULT_KEYS
+                and type(result["id"]) is str and _CANONICAL_UUID.match(result["id"]) is not None
+                and type(result["state"]) is str and result["state"] in _REPORT_STATES
+                and (result["error"] is None
+                     or (type(result["error"]) is str and len(result["error"]) <= MAX_COMMAND_ERROR))
+                and type(result["truncated"]) is bool
+                and (result["started_at"] is None or _plain_number(result["started_at"]))
+                and (result["finished_at"] is None or _plain_number(result["finished_at"]))
+                and _plain_number(result["ts"]))
 
 
 command_message = CommandMessageSchema()
 command_result = CommandResultSchema()
 
-# The agent's hot path for a command: the schemas above cost it ~50 µs (decode) and ~50 µs
-# (encode) per message in marshmallow, as much as the rest of a ping's handling. A message in
-# the form the server writes, and a result in the form the agent builds, are checked by hand
-# instead: each check accepts only what the schema accepts and yields the same value (tested
-# against the schema), and anything else goes through the schema, which names what is wrong.
+# The command path's quick checks (`load_usual`, `is_usual` above): the schemas cost ~50 µs a
+# message each way in marshmallow, as much as the rest of a ping's handling on the agent and
+# of a result's on the worker. A message in the form the server writes and a result in the
+# form the agent builds are checked by plain code instead; each check accepts only what the
+# schema accepts and gives the same value (tested against the schema), and anything else goes
+# through the schema, which accepts the rarer spellings or names what is wrong.
 
 _CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _COMMAND_KEYS = frozenset(("v", "id", "command", "arg", "kwarg", "timeout", "deadline"))
@@ -470,63 +507,6 @@ def _plain_number(value) -> bool:
     if type(value) is float:
         return math.isfinite(value)
     return type(value) is int and -_EXACT_INT <= value <= _EXACT_INT
-
-
-def decode_command(payload: bytes) -> dict:
-    """`decode(command_message, payload)`, with a message in the server's own form checked by hand."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        return decode(command_message, payload)
-    try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return decode(command_message, payload)  # says what is wrong
-    if type(document) is not dict or document.keys() != _COMMAND_KEYS:
-        return _load(command_message, document)
-    version, command_id, name, arg, kwarg, timeout, deadline = (
-        document["v"], document["id"], document["command"], document["arg"], document["kwarg"],
-        document["timeout"], document["deadline"])
-    if (type(version) is not int or version != PROTOCOL_VERSION
-            or type(command_id) is not str or not _CANONICAL_UUID.match(command_id)
-            or type(name) is not str or not 1 <= len(name) <= 200
-            or type(arg) is not list
-            or type(kwarg) is not dict or not all(type(key) is str for key in kwarg)
-            or not (timeout is None or (_plain_number(timeout) and 0 < timeout <= MAX_COMMAND_TIMEOUT))
-            or not _plain_number(deadline)):
-        return _load(command_message, document)
-    return {"v": version, "id": uuid.UUID(command_id), "command": name, "arg": list(arg), "kwarg": dict(kwarg),
-            "timeout": None if timeout is None else float(timeout), "deadline": float(deadline)}
-
-
-def encode_command_result(result: dict) -> bytes:
-    """`encode(command_result, result)`, with a result in the agent's own form checked by hand."""
-    if not (result.keys() == _RESULT_KEYS
-            and type(result["id"]) is str and _CANONICAL_UUID.match(result["id"])
-            and type(result["state"]) is str and result["state"] in _REPORT_STATES
-            and (result["error"] is None
-                 or (type(result["error"]) is str and len(result["error"]) <= MAX_COMMAND_ERROR))
-            and type(result["truncated"]) is bool
-            and (result["started_at"] is None or _plain_number(result["started_at"]))
-            and (result["finished_at"] is None or _plain_number(result["finished_at"]))
-            and _plain_number(result["ts"])):
-        return encode(command_result, result)
-    return json.dumps({"v": PROTOCOL_VERSION, **result}, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _load(schema: Schema, document) -> dict:
-    """The schema's load of a parsed document, its complaints as WireError (as `decode` gives them)."""
-    if not isinstance(document, dict):
-        raise WireError("payload is not a JSON object")
-    load_usual = getattr(schema, "load_usual", None)  # a schema's fast check of its usual message, if it has one
-    if load_usual is not None:
-        loaded = load_usual(document)
-        if loaded is not None:
-            return loaded
-    try:
-        return schema.load(document)
-    except ValidationError as exc:
-        raise WireError(f"payload is invalid: {exc.messages}") from None
-    except RecursionError:
-        raise WireError("payload is nested too deeply") from None
 
 
 # --- Container parameters both sides interpret the same way -----------------

@@ -1,15 +1,15 @@
-"""The agent's quick command decoding and result encoding give exactly what the wire schemas give.
+"""The quick checks of the command path (`load_usual`, `is_usual`) give exactly what the wire schemas give.
 
-`wire.decode_command` and `wire.encode_command_result` check the usual forms by hand and leave
+`wire.decode` and `wire.encode` try a schema's quick check of its usual message first and leave
 everything else to `CommandMessageSchema`/`CommandResultSchema`; these tests hold them to the
-schemas on generated documents, good and bad alike (pure logic: no broker needed).
+schemas alone on generated documents, good and bad alike (pure logic: no broker needed).
 """
 import json
 import math
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fleet_device import wire
@@ -57,16 +57,21 @@ def command_documents(draw):
     return document
 
 
+# The same schemas (same names, so the same error texts) without their quick checks: the schema alone.
+_COMMAND_SCHEMA_ALONE = type("CommandMessageSchema", (wire.CommandMessageSchema,), {"load_usual": None})()
+_RESULT_SCHEMA_ALONE = type("CommandResultSchema", (wire.CommandResultSchema,), {"is_usual": None})()
+
+
 def _decoded_by_schema(payload):
     try:
-        return wire.decode(wire.command_message, payload)
+        return wire.decode(_COMMAND_SCHEMA_ALONE, payload)
     except wire.WireError as exc:
         return exc
 
 
 def _decoded_quickly(payload):
     try:
-        return wire.decode_command(payload)
+        return wire.decode(wire.command_message, payload)
     except wire.WireError as exc:
         return exc
 
@@ -139,19 +144,29 @@ def _encoded(encode, result):
         return f"{type(exc).__name__}: {exc}"
 
 
+def _result(**changes):
+    return {"id": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "state": "succeeded", "return": True, "error": None,
+            "truncated": False, "started_at": 1.5, "finished_at": 2.5, "ts": 3.5, **changes}
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(results())
+@example(_result(ts=math.nan))
+@example(_result(ts=math.inf))
+@example(_result(started_at=-math.inf))
+@example(_result(finished_at="2.5"))
+@example(_result(ts=2 ** 60))
 def test_a_result_encodes_quickly_to_the_same_bytes_as_the_schema_or_fails_the_same(result):
-    quick = _encoded(wire.encode_command_result, result)
-    assert quick == _encoded(lambda r: wire.encode(wire.command_result, r), result)
+    quick = _encoded(lambda r: wire.encode(wire.command_result, r), result)
+    assert quick == _encoded(lambda r: wire.encode(_RESULT_SCHEMA_ALONE, r), result)
 
 
 def test_the_agents_usual_result_takes_the_quick_path_and_round_trips_through_the_servers_schema(monkeypatch):
     result = {"id": str(uuid.uuid4()), "state": "succeeded", "return": {"a": [1, "é"]}, "error": None,
               "truncated": False, "started_at": 1.5, "finished_at": 2, "ts": 2.25}
-    expected = wire.encode(wire.command_result, result)
+    expected = wire.encode(_RESULT_SCHEMA_ALONE, result)
     monkeypatch.setattr(wire.command_result, "validate", lambda body: pytest.fail("the schema was consulted"))
-    payload = wire.encode_command_result(result)
+    payload = wire.encode(wire.command_result, result)
     assert payload == expected
     assert wire.command_result.load(json.loads(payload))["return_value"] == {"a": [1, "é"]}
 
@@ -160,4 +175,4 @@ def test_a_result_the_schema_refuses_is_refused_naming_the_field():
     result = {"id": str(uuid.uuid4()), "state": "finished", "return": None, "error": None, "truncated": False,
               "started_at": None, "finished_at": None, "ts": math.pi}
     with pytest.raises(wire.WireError, match="state"):
-        wire.encode_command_result(result)
+        wire.encode(wire.command_result, result)
