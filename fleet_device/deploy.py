@@ -603,6 +603,7 @@ class Deployer:
         started = time.monotonic()
         settled_at = started + self.settle_seconds
         give_up_at = started + max(self.settle_seconds, self.health_timeout)
+        first_started = {}  # name -> the State.StartedAt first seen
         while True:
             waiting = []
             for name in step.names:
@@ -610,6 +611,11 @@ class Deployer:
                 if container is None:
                     raise DeployError("verify", f"container {name} disappeared")
                 state = container.attrs.get("State") or {}
+                # An engine that restarts starts its containers again without counting a restart,
+                # and may do it between two looks: a new start time is a restart all the same.
+                if first_started.setdefault(name, state.get("StartedAt")) != state.get("StartedAt"):
+                    raise DeployError("verify", f"{name} was started again while it was verified "
+                                                f"(at {state.get('StartedAt')}): the engine restarted it")
                 if state.get("Status") != "running" or container.attrs.get("RestartCount", 0) > 0:
                     logs = container.logs(tail=5).decode(errors="replace").strip()
                     raise DeployError("verify", f"{name} is {state.get('Status')} (exit code {state.get('ExitCode')}, "

@@ -1,4 +1,5 @@
 """The deploy engine against the real Docker engine and a real private registry: success, every fault, rollback."""
+import threading
 import uuid
 
 import pytest
@@ -147,6 +148,26 @@ def test_a_container_that_exits_at_once_is_rolled_back(docker_client, deployer, 
     assert error.step == "verify" and "exit code 3" in error.reason and "cannot start" in error.reason
     assert_still_on_v1(docker_client, deployer, running_v1)
     assert not any(n.endswith(OLD_SUFFIX) for n in owned_containers(docker_client, deployer.unit_id))
+
+
+def test_a_container_started_again_between_two_looks_of_the_verification_is_rolled_back(
+        docker_client, deployer, running_v1, unique_name, monkeypatch):
+    """As an engine restart can: no restart counted, and running again by the next look."""
+    name, v1, _ = running_v1
+    verifying, looks, find = threading.Event(), [], deployer._find
+    deployer.on_step = lambda step, when: step.action == "verify" and when == "started" and verifying.set()
+
+    def find_restarting_before_the_second_look(container_name):
+        if verifying.is_set() and container_name == name:
+            looks.append(container_name)
+            if len(looks) == 2:  # restarted by the real engine, and started again before this look
+                docker_client.containers.get(container_name).restart(timeout=0)
+        return find(container_name)
+
+    monkeypatch.setattr(deployer, "_find", find_restarting_before_the_second_look)
+    error = fail(deployer, PROJECT, release(2, spec(name, workload(docker_client, unique_name, tag="v2"))), previous=v1)
+    assert len(looks) >= 2 and error.step == "verify" and "started again" in error.reason, error
+    assert_still_on_v1(docker_client, deployer, running_v1)
 
 
 def test_a_failing_healthcheck_is_rolled_back(docker_client, deployer, running_v1, unique_name):
