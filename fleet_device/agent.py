@@ -16,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import __version__, logbuffer, wire
+from .commands import ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .execution import CommandRunner
 from .state import RegistryStore, ReleaseQueue
@@ -49,6 +50,8 @@ class AgentConfig:
     reconnect_window: float = 12.0
     reconnect_max: float = 120.0
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    # The containers commands may act on: Fleet's own unless the device allows more.
+    container_scope: ContainerScope = field(default_factory=ContainerScope)
 
 
 @dataclass

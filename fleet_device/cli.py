@@ -98,6 +98,22 @@ def _env(name, default=None):
     return os.environ.get(name, default)
 
 
+def _env_list(name) -> list:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _env_flag(name) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _origin(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a web origin such as https://dash.local:8443")
+    return text.strip().rstrip("/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet-device", description="Fleet device agent.")
     parser.add_argument("--version", action="version", version=__version__)
@@ -115,6 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where queued releases are kept (FLEET_STATE_DIR)")
     run.add_argument("--api", type=_address, default=_env("FLEET_LOCAL_API", "127.0.0.1:9000"),
                      help="local API address HOST:PORT (FLEET_LOCAL_API)")
+    local_api = run.add_argument_group(
+        "local API", "bound to loopback, it answers programs on the device only; bound to another address "
+                     "(LAN mode) other machines may call it with the token in STATE_DIR/local-api.token "
+                     "(see docs/security.md)")
+    local_api.add_argument("--api-origin", type=_origin, action="append", default=_env_list("FLEET_LOCAL_API_ORIGINS"),
+                           metavar="ORIGIN", help="LAN mode: a web origin (https://HOST[:PORT]) whose pages may call "
+                                                  "the API; repeatable (FLEET_LOCAL_API_ORIGINS, comma-separated)")
+    local_api.add_argument("--api-host-name", action="append", default=_env_list("FLEET_LOCAL_API_HOST_NAMES"),
+                           metavar="NAME", help="LAN mode: a name other machines reach the device by, accepted in "
+                                                "Host; repeatable (FLEET_LOCAL_API_HOST_NAMES, comma-separated)")
+    commands_scope = run.add_argument_group(
+        "containers commands may act on", "docker.* commands act only on containers Fleet deployed, unless allowed here")
+    commands_scope.add_argument("--commands-container", action="append", default=_env_list("FLEET_COMMANDS_CONTAINERS"),
+                                metavar="NAME", help="another container they may act on; repeatable "
+                                                     "(FLEET_COMMANDS_CONTAINERS, comma-separated)")
+    commands_scope.add_argument("--commands-any-container", action="store_true",
+                                default=_env_flag("FLEET_COMMANDS_ANY_CONTAINER"),
+                                help="let them act on every container on the engine (FLEET_COMMANDS_ANY_CONTAINER=1)")
     run.add_argument("--minion-id-file", type=Path, default=Path(_env("FLEET_MINION_ID_FILE", "/etc/salt/minion_id")),
                      help="file the unit id is written to (FLEET_MINION_ID_FILE)")
     run.add_argument("--settle", type=float, default=float(_env("FLEET_SETTLE_SECONDS", "10")),
@@ -150,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--hardware-id", default=_env("FLEET_HARDWARE_ID"),
                           help="what tells this hardware apart (FLEET_HARDWARE_ID; default /etc/machine-id)")
     register.add_argument("--name", default="", help="a name for people")
+    register.add_argument("--insecure-http", action="store_true",
+                          help="allow a plain http:// server that is not on loopback (the answer carries the broker "
+                               "password in clear text; for a trusted network only)")
 
     sleep = commands.add_parser(
         "sleep", help="the device is about to sleep: apply queued releases first",
@@ -166,13 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def register(args) -> int:
-    from .provisioning import RegistrationError, register as exchange
+    from .provisioning import InsecureServer, RegistrationError, register as exchange
 
     if not args.token:
         print("fleet-device register: --token (or FLEET_PROVISIONING_TOKEN) is required", file=sys.stderr)
         return 2
     try:
-        identity = exchange(args.server, args.token, args.state_dir, hardware=args.hardware_id, name=args.name)
+        identity = exchange(args.server, args.token, args.state_dir, hardware=args.hardware_id, name=args.name,
+                            allow_plain_http=args.insecure_http)
+    except InsecureServer as exc:
+        print(f"fleet-device register: {exc}", file=sys.stderr)
+        return 2
     except (RegistrationError, OSError) as exc:
         print(f"fleet-device register: {exc}", file=sys.stderr)
         return 1
@@ -200,7 +241,8 @@ def run(args) -> int:
     import ssl
 
     from .agent import Agent, AgentConfig
-    from .local_api import LocalApi
+    from .commands import ContainerScope
+    from .local_api import LocalApi, build_gate, is_loopback
     from .provisioning import check_broker_certificate
     from .telemetry import TelemetryConfig
 
@@ -211,6 +253,16 @@ def run(args) -> int:
         return 2
     if not args.unit_id:
         print("fleet-device run: --unit-id (or FLEET_UNIT_ID, or `fleet-device register`) is required", file=sys.stderr)
+        return 2
+    try:
+        # Those from the environment have not been through argparse's `type`.
+        args.api_origin = [_origin(origin) for origin in args.api_origin]
+    except argparse.ArgumentTypeError as exc:
+        print(f"fleet-device run: FLEET_LOCAL_API_ORIGINS: {exc}", file=sys.stderr)
+        return 2
+    if (args.api_origin or args.api_host_name) and is_loopback(args.api[0]):
+        print("fleet-device run: --api-origin and --api-host-name need LAN mode (an --api address other than "
+              "loopback); on loopback the API answers programs on the device only", file=sys.stderr)
         return 2
     host, port, tls = args.broker
     if tls:
@@ -243,6 +295,8 @@ def run(args) -> int:
             capacity=args.telemetry_buffer,
             batch_size=min(args.telemetry_batch, wire.MAX_BATCH_READINGS),
         ),
+        container_scope=ContainerScope(any_container=args.commands_any_container,
+                                       names=frozenset(args.commands_container)),
     )
     try:
         agent = Agent(config)
@@ -250,7 +304,8 @@ def run(args) -> int:
         print(f"fleet-device run: cannot start: {exc}", file=sys.stderr)
         return 1
     try:
-        api = LocalApi(agent, config.api_host, config.api_port)
+        gate = build_gate(config.api_host, config.state_dir, args.api_origin, args.api_host_name)
+        api = LocalApi(agent, config.api_host, config.api_port, gate)
     except OSError as exc:
         print(f"fleet-device run: cannot listen on {config.api_host}:{config.api_port}: {exc}", file=sys.stderr)
         return 1

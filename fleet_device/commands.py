@@ -20,6 +20,7 @@ from typing import Callable
 from docker.errors import DockerException, NotFound
 
 from . import __version__
+from .deploy import LABEL_PROJECT, LABEL_UNIT
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +214,45 @@ def last_logs(agent, num: int = 100, level: str | None = None):
 
 
 # --- containers ----------------------------------------------------------------------
+#
+# Commands reach only the containers Fleet manages on this device (those its deploy engine
+# labelled, see deploy.LABEL_PROJECT), whoever asks: the server or a program through the
+# local API. Anything else on the engine (a database the owner runs, another tool's
+# containers) is out of reach unless the device's configuration lets it in.
+
+@dataclass(frozen=True)
+class ContainerScope:
+    """Which containers commands may act on: Fleet's own, plus `names`, or every one with `any_container`."""
+
+    any_container: bool = False
+    names: frozenset = frozenset()
+
+    def allows(self, unit_id: str, name: str, labels: dict | None) -> bool:
+        labels = labels or {}
+        managed = LABEL_PROJECT in labels and labels.get(LABEL_UNIT) in (None, unit_id)
+        return managed or self.any_container or name in self.names
+
+
+def scope_of(agent) -> ContainerScope:
+    return agent.config.container_scope
+
+
+def _refuse_unmanaged(name: str):
+    raise CommandError(
+        f"container {name!r} is not managed by Fleet (it has no {LABEL_PROJECT} label of this device); "
+        "commands act on it only if the device allows it (fleet-device run --commands-container NAME "
+        "or --commands-any-container)"
+    )
+
 
 def _container(agent, name: str):
     try:
-        return agent.deployer.client.containers.get(name)
+        container = agent.deployer.client.containers.get(name)
     except NotFound:
         raise CommandError(f"no container named {name!r}") from None
+    if not scope_of(agent).allows(agent.unit_id, container.name, container.labels):
+        _refuse_unmanaged(name)
+    return container
 
 
 def _since(value):
@@ -243,9 +277,15 @@ def docker_logs(agent, name: str, tail: int | str = "all", since: int | float | 
 
 @command("docker.ps", read_only=True)
 def docker_ps(agent, all: bool = False, label: str | list[str] | None = None):
-    """Containers on the engine (running ones unless `all`), optionally only those with the label(s) KEY or KEY=VALUE."""
+    """Containers commands may act on (running ones unless `all`), optionally only those with the label(s) KEY or KEY=VALUE."""
     labels = [label] if isinstance(label, str) else list(label or [])
-    summaries = agent.deployer.client.api.containers(all=all, filters={"label": labels} if labels else None)
+    scope = scope_of(agent)
+    if not scope.any_container and not scope.names:
+        labels.append(LABEL_PROJECT)  # the engine filters; the unit label is checked below
+    summaries = [
+        summary for summary in agent.deployer.client.api.containers(all=all, filters={"label": labels} if labels else None)
+        if scope.allows(agent.unit_id, (summary.get("Names") or ["?"])[0].lstrip("/"), summary.get("Labels"))
+    ]
     return [
         {
             "id": summary["Id"][:12],
@@ -262,11 +302,15 @@ def docker_ps(agent, all: bool = False, label: str | list[str] | None = None):
 
 @command("docker.inspect", read_only=True)
 def docker_inspect(agent, name: str):
-    """Everything the engine knows about a container."""
+    """Everything the engine knows about a container (one Fleet manages, or the device allows)."""
     try:
-        return agent.deployer.client.api.inspect_container(name)
+        attributes = agent.deployer.client.api.inspect_container(name)
     except NotFound:
         raise CommandError(f"no container named {name!r}") from None
+    if not scope_of(agent).allows(agent.unit_id, attributes.get("Name", "").lstrip("/"),
+                                  (attributes.get("Config") or {}).get("Labels")):
+        _refuse_unmanaged(name)
+    return attributes
 
 
 def _status(container) -> dict:

@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import commands, wire
-from .state import write_atomically
+from .state import open_private_append, private_directory, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class CommandJournal:
 
     def __init__(self, directory: Path, remember: int = 2000, recent_results: int = 100):
         self.path = Path(directory) / "journal.log"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
         self.remember = remember
         self.recent_results = recent_results
         self.recent: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -101,7 +101,7 @@ class CommandJournal:
         self._entries = 0
         self._compact_above = 3 * remember
         self._load()
-        self._file = open(self.path, "ab")
+        self._file = open_private_append(self.path)
 
     def _load(self):
         try:
@@ -197,7 +197,7 @@ class CommandJournal:
         data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
         self._file.close()
         write_atomically(self.path, data)
-        self._file = open(self.path, "ab")
+        self._file = open_private_append(self.path)
         self._entries = len(entries)
         self._compact_above = max(3 * self.remember, 2 * len(entries))  # never compact on every append
         log.debug("compacted %s to %d entries", self.path, len(entries))

@@ -6,6 +6,7 @@ CA in `<state_dir>/broker-ca.crt`, where `fleet-device run` finds them.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -14,10 +15,11 @@ import socket
 import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
-from .state import read_json, write_atomically
+from .state import private_directory, read_json, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,39 @@ _HARDWARE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,199}$")
 
 class RegistrationError(Exception):
     """Registration did not succeed; the message says why in words an installer can act on."""
+
+
+class InsecureServer(RegistrationError):
+    """The server's URL would carry the provisioning token and the broker password in clear text."""
+
+
+def check_server_url(server: str, allow_plain_http: bool = False) -> None:
+    """Refuse a server URL that is not https, unless it is on loopback or plain http is explicitly allowed.
+
+    The registration answer holds the device's broker password: over plain http anyone on the
+    way reads it, and the token that obtained it.
+    """
+    parts = urlsplit(server)
+    try:
+        parts.port
+    except ValueError:
+        raise InsecureServer(f"{server!r}: the port is not a number") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InsecureServer(f"{server!r}: expected https://HOST[:PORT]")
+    if parts.scheme == "http" and not allow_plain_http and not is_loopback(parts.hostname):
+        raise InsecureServer(f"{server} is plain http: the broker password would cross the network in clear text; "
+                             "use https:// (or --insecure-http on a network you trust)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is this machine's loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -90,9 +125,11 @@ def _error_message(response: requests.Response) -> str:
 
 
 def register(server: str, token: str, state_dir: Path, *, hardware: str | None = None, name: str = "",
-             timeout: float = 30.0) -> Identity:
-    """Exchange the token at `server` and store the identity; RegistrationError when refused."""
-    state_dir = Path(state_dir)
+             timeout: float = 30.0, allow_plain_http: bool = False) -> Identity:
+    """Exchange the token at `server` and store the identity; RegistrationError when refused
+    (InsecureServer, before anything is sent, when the URL is plain http off loopback)."""
+    check_server_url(server, allow_plain_http)
+    state_dir = private_directory(state_dir)
     hardware = hardware_id(state_dir, hardware)
     url = server.rstrip("/") + "/dongle/register/"
     try:

@@ -1,4 +1,8 @@
-"""The agent's durable state: queued and applied releases, written atomically to the state dir."""
+"""The agent's durable state: queued and applied releases, written atomically to the state dir.
+
+Everything the agent keeps (command results hold `docker.inspect` output, registries hold
+passwords) is for the agent alone: files mode 0600, directories 0700.
+"""
 import json
 import logging
 import os
@@ -8,10 +12,42 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+PRIVATE_FILE = 0o600
+PRIVATE_DIRECTORY = 0o700
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600):
+
+def private_directory(path: Path) -> Path:
+    """Create `path` (mode 0700), or tighten it to 0700 if it exists more open; returns it."""
+    path = Path(path)
+    path.mkdir(mode=PRIVATE_DIRECTORY, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o777 != PRIVATE_DIRECTORY:
+            os.chmod(path, PRIVATE_DIRECTORY)
+    except OSError as exc:  # not ours to change (a directory given by the operator): say so, go on
+        log.warning("cannot make %s private (mode 0700): %s", path, exc)
+    return path
+
+
+def open_private_append(path: Path):
+    """`path` opened for appending in binary, created mode 0600 (and tightened to it if it exists)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+    try:
+        os.fchmod(descriptor, PRIVATE_FILE)
+        return os.fdopen(descriptor, "ab")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def create_private_file(path: Path):
+    """Make sure `path` exists with mode 0600 (before a library such as SQLite creates it with its own)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
+    os.chmod(path, PRIVATE_FILE)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = PRIVATE_FILE):
     """Write tmp, fsync, rename, fsync the directory: after a power loss the file is old or new, never torn."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=PRIVATE_DIRECTORY, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -48,8 +84,8 @@ class ReleaseQueue:
     """
 
     def __init__(self, state_dir: Path):
-        self.root = Path(state_dir) / "projects"
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_directory(state_dir)
+        self.root = private_directory(Path(state_dir) / "projects")
         self._lock = threading.Lock()
 
     def _path(self, project_id: int, name: str) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from marshmallow import ValidationError
 
 from . import wire
+from .state import create_private_file, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class TelemetryBuffer:
             raise ValueError(f"capacity must be ≥ 1 and batch size 1..{wire.MAX_BATCH_READINGS}")
         self.capacity = capacity
         self.batch_size = batch_size
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(path.parent)
+        # SQLite gives its -wal and -shm files the database file's mode: 0600 for all three.
+        create_private_file(path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         # WAL + FULL: a reading acknowledged to its producer is on disk, and a power loss
