@@ -19,7 +19,9 @@ import json
 import logging
 import re
 import secrets
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -175,7 +177,7 @@ def body_length(headers) -> int:
         raise LocalApiError(400, f"Content-Length {text!r} is not a whole number of bytes")
     length = int(text)
     if length > MAX_BODY:
-        raise LocalApiError(413, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
+        raise LocalApiError(413, f"Content-Length {length}: bodies of at most {MAX_BODY} bytes are accepted")
     return length
 
 
@@ -354,22 +356,24 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, headers too long) in the same JSON shape."""
         self.close_connection = True
+        # A request line it could not parse leaves HTTP/0.9, which would answer without a status line.
+        self.request_version = "HTTP/1.1"
         # 501 is what the standard library says to a method it has no handler for: a refusal, so a 405.
         status = 405 if code == 501 else code if 400 <= code < 500 else 400
         self._error(status, message or HTTPStatus(status).phrase)
-
-    def _peer_is_loopback(self) -> bool:
-        return is_loopback(self.client_address[0])
+        self._discard_unread()
 
     def _body(self):
         length = body_length(self.headers)
         raw = self.rfile.read(length) if length else b""
+        self._unread_body = False
         if len(raw) < length:
             raise LocalApiError(400, f"the body ended after {len(raw)} of {length} bytes")
         return load_body(raw) if raw else None
 
     def _dispatch(self, method: str):
         path = self.path.split("?", 1)[0]
+        self._unread_body = method == "POST"
         try:
             self.gate.check(self.headers, self.client_address[0], self.connection.getsockname()[0])
             found = [(m, p, f) for m, p, f in ROUTES if p.match(path)]
@@ -378,21 +382,41 @@ class _Handler(BaseHTTPRequestHandler):
             matches = [(pattern, function) for m, pattern, function in found if m == method]
             if not matches:
                 raise LocalApiError(405, f"{method} is not allowed on {path}")
-            if (method, path) in LOOPBACK_ONLY and not self._peer_is_loopback():
+            if (method, path) in LOOPBACK_ONLY and not is_loopback(self.client_address[0]):
                 raise LocalApiError(403, f"{path} is for programs on the device; from another machine use "
                                          "/dongle/<unit_id>/logbook/")
             pattern, function = matches[0]
             body = self._body() if method == "POST" else None
             status, reply = function(self.agent, body, **pattern.match(path).groupdict())
         except LocalApiError as exc:
-            if method == "POST" and exc.status in (400, 411, 413) or exc.status in (401, 403, 421):
-                self.close_connection = True  # the body may be left unread: the connection cannot go on
-            return self._error(exc.status, exc.message, exc.errors, {**exc.headers, **self.gate.cors_headers(self.headers)})
+            return self._refuse(exc)
         except Exception:  # a bug: answer, never drop the connection without a word
             log.exception("local api: %s %s failed", method, path)
-            self.close_connection = True
-            return self._error(500, "the agent failed to handle this request; its log says why")
+            return self._refuse(LocalApiError(500, "the agent failed to handle this request; its log says why"))
         self._send(status, reply, self.gate.cors_headers(self.headers))
+
+    def _refuse(self, exc: LocalApiError):
+        if self._unread_body:
+            self.close_connection = True  # what follows on the connection is a body nobody reads
+        self._error(exc.status, exc.message, exc.errors, {**exc.headers, **self.gate.cors_headers(self.headers)})
+        if self._unread_body:
+            self._discard_unread()
+
+    def _discard_unread(self, limit: int = 4 * MAX_BODY, seconds: float = 2.0):
+        """Read and drop what the client still sends, briefly, before closing: closing a socket with
+        unread data resets it, and the client may then lose the answer it was about to read."""
+        self.wfile.flush()
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(seconds)
+            deadline = time.monotonic() + seconds
+            while limit > 0 and time.monotonic() < deadline:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    return
+                limit -= len(chunk)
+        except OSError:
+            pass
 
     def do_GET(self):
         self._dispatch("GET")
@@ -416,7 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "Access-Control-Max-Age": "600"})
 
     def _not_allowed(self):
-        self.close_connection = True
-        self._error(405, f"{self.command} is not allowed; the local API answers GET and POST")
+        self._unread_body = True
+        self._refuse(LocalApiError(405, f"{self.command} is not allowed; the local API answers GET and POST"))
 
     do_PUT = do_DELETE = do_PATCH = _not_allowed
