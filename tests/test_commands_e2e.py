@@ -14,11 +14,15 @@ from tests.support.stack import eventually, release_payload, running_stack
 
 pytestmark = pytest.mark.slow
 
+# The containers these tests command are their own, not deployed by Fleet: their agents may act
+# on any container (tests/test_local_api_security.py covers the default, Fleet's own only).
+ANY_CONTAINER = {"FLEET_COMMANDS_ANY_CONTAINER": "1"}
+
 
 @pytest.fixture(scope="module")
 def command_stack(broker, docker_client, tmp_path_factory):
     """One server, worker and agent for the tests that do not break anything."""
-    with running_stack(broker.url, docker_client, tmp_path_factory.mktemp("commands")) as running:
+    with running_stack(broker.url, docker_client, tmp_path_factory.mktemp("commands"), extra_env=ANY_CONTAINER) as running:
         yield running
 
 
@@ -259,7 +263,7 @@ def test_a_result_survives_the_agent_dying_before_the_broker_took_it(
     restartable_broker, docker_client, chatty_container, tmp_path
 ):
     container, _ = chatty_container
-    with running_stack(restartable_broker.url, docker_client, tmp_path) as stack:
+    with running_stack(restartable_broker.url, docker_client, tmp_path, extra_env=ANY_CONTAINER) as stack:
         device = stack.create_device("fragile")
         agent = stack.start_agent(device)
         # The container ignores SIGTERM, so this takes the whole 3 s: time to pull the broker away.

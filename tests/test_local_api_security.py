@@ -5,16 +5,12 @@ real ones on the local engine, removed afterwards.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
 import socket
 import stat
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -22,55 +18,14 @@ import requests
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from fleet_device import wire
+from tests.support.device_agent import start_agent, this_machines_lan_address
 from tests.support.infra import free_port
-from tests.support.stack import Process, _command, eventually
+from tests.support.stack import _command, eventually
 
 pytestmark = pytest.mark.slow
 
 # What an HTML form on any web site can make a browser send, without a preflight.
 FORGED_FROM_A_PAGE = {"Origin": "http://evil.example", "Host": "evil.example:9000", "Content-Type": "text/plain"}
-
-
-@dataclass
-class RunningAgent:
-    unit_id: str
-    state_dir: Path
-    url: str
-    process: Process
-
-    @property
-    def execute_url(self) -> str:
-        return f"{self.url}/dongle/{self.unit_id}/execute/"
-
-    def execute(self, command, *arg, **kwarg) -> dict:
-        response = requests.post(self.execute_url, json={"command": command, "arg": list(arg), "kwarg": kwarg},
-                                 timeout=30)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-
-def start_agent(broker, directory: Path, *extra, host="127.0.0.1") -> RunningAgent:
-    unit_id = str(uuid.uuid4())
-    state_dir = directory / f"agent-{unit_id[:8]}"
-    port = free_port()
-    args = _command("fleet-device") + [
-        "run", "--unit-id", unit_id, "--broker", broker.url, "--state-dir", str(state_dir),
-        "--api", f"{host}:{port}", "--minion-id-file", str(state_dir / "minion_id"),
-        "--telemetry-sources", "", "--reconnect-window", "2", *extra,
-    ]
-    process = Process(args, {**os.environ, "FLEET_LOG_LEVEL": "DEBUG"},
-                      directory / f"agent-{unit_id[:8]}.log").start()
-    agent = RunningAgent(unit_id, state_dir, f"http://{host}:{port}", process)
-
-    def answers():
-        assert process.popen.poll() is None, process.log()
-        try:
-            return requests.get(agent.url + "/", timeout=2).status_code < 500
-        except requests.RequestException:
-            return False
-
-    eventually(answers, 20, message=f"the agent's local API\n{process.log()}")
-    return agent
 
 
 @pytest.fixture(scope="module")
@@ -339,14 +294,7 @@ def test_the_agent_keeps_answering_after_every_refusal(agent):
 
 @pytest.fixture(scope="module")
 def lan_address(docker_client) -> str:
-    """An address of this machine that is not loopback (the engine's bridge): a peer from it is 'another device'."""
-    config = (docker_client.networks.get("bridge").attrs["IPAM"]["Config"] or [{}])[0]
-    gateway = config.get("Gateway") or str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
-    try:
-        socket.create_server((gateway, 0)).close()  # an address of this machine, or the engine is elsewhere
-    except OSError:
-        pytest.skip(f"the engine's bridge address {gateway} is not this machine's")
-    return gateway
+    return this_machines_lan_address(docker_client)
 
 
 @pytest.fixture(scope="module")
