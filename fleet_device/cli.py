@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="NAME", help="LAN mode: a name other machines reach the device by, accepted in "
                                                 "Host; repeatable (FLEET_LOCAL_API_HOST_NAMES, comma-separated)")
     commands_scope = run.add_argument_group(
-        "containers commands may act on", "docker.* commands act only on containers Fleet deployed, unless allowed here")
+        "containers commands may act on",
+        "docker.* commands act only on containers Fleet deployed, unless allowed here")
     commands_scope.add_argument("--commands-container", action="append", default=_env_list("FLEET_COMMANDS_CONTAINERS"),
                                 metavar="NAME", help="another container they may act on; repeatable "
                                                      "(FLEET_COMMANDS_CONTAINERS, comma-separated)")

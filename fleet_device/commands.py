@@ -277,15 +277,15 @@ def docker_logs(agent, name: str, tail: int | str = "all", since: int | float | 
 
 @command("docker.ps", read_only=True)
 def docker_ps(agent, all: bool = False, label: str | list[str] | None = None):
-    """Containers commands may act on (running ones unless `all`), optionally only those with the label(s) KEY or KEY=VALUE."""
+    """Containers commands may act on (running ones unless `all`), optionally only those with the label(s)
+    KEY or KEY=VALUE."""
     labels = [label] if isinstance(label, str) else list(label or [])
     scope = scope_of(agent)
     if not scope.any_container and not scope.names:
         labels.append(LABEL_PROJECT)  # the engine filters; the unit label is checked below
-    summaries = [
-        summary for summary in agent.deployer.client.api.containers(all=all, filters={"label": labels} if labels else None)
-        if scope.allows(agent.unit_id, (summary.get("Names") or ["?"])[0].lstrip("/"), summary.get("Labels"))
-    ]
+    listed = agent.deployer.client.api.containers(all=all, filters={"label": labels} if labels else None)
+    summaries = [summary for summary in listed
+                 if scope.allows(agent.unit_id, (summary.get("Names") or ["?"])[0].lstrip("/"), summary.get("Labels"))]
     return [
         {
             "id": summary["Id"][:12],

@@ -114,8 +114,9 @@ class Gate:
     def _check_origin(self, headers):
         origin = headers.get("Origin")
         if origin is not None and origin.rstrip("/") not in self.origins:
+            hint = "" if self.lan else "; LAN mode can allow origins"
             raise LocalApiError(403, f"requests from web pages (Origin {origin!r}) are refused: the local API is "
-                                     "for programs on the device" + ("" if self.lan else "; LAN mode can allow origins"))
+                                     f"for programs on the device{hint}")
         if origin is None and headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
             raise LocalApiError(403, "requests from web pages (Sec-Fetch-Site) are refused")
 
@@ -218,7 +219,8 @@ def load_body(raw: bytes):
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise LocalApiError(400, "the body holds a lone surrogate escape (such as \\ud800), which is not text") from None
+        raise LocalApiError(400, "the body holds a lone surrogate escape (such as \\ud800), which is not text") \
+            from None
     return value
 
 

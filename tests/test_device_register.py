@@ -1,4 +1,4 @@
-"""`fleet-device register` sends the provisioning token and receives the broker password: never in clear text off loopback."""
+"""`fleet-device register` sends the provisioning token and gets the broker password: never in clear text off loopback."""
 from __future__ import annotations
 
 import json

@@ -41,7 +41,7 @@ ALLOWED_NAME = f"fleet-test-allowed-{uuid.uuid4().hex[:8]}"
 
 
 def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, dict]:
-    """Send `head` (request line and headers, without the blank line) and `body` as they are; the answer's status and JSON."""
+    """Send `head` (request line and headers, no blank line) and `body` as they are; the answer's status and JSON."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as sock:
         sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n\r\n" + body)
