@@ -51,8 +51,11 @@ class TelemetryBuffer:
         self.capacity = capacity
         self.batch_size = batch_size
         private_directory(path.parent)
-        # SQLite gives its -wal and -shm files the database file's mode: 0600 for all three.
+        # SQLite gives new -wal and -shm files the database file's mode; ones an older agent left are tightened.
         create_private_file(path)
+        for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if companion.exists():
+                companion.chmod(0o600)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         # WAL + FULL: a reading acknowledged to its producer is on disk, and a power loss
