@@ -1,13 +1,25 @@
 """Privilege is an admin's decision: over real HTTP, on SQLite and PostgreSQL, an operator's release that
 would give a container power over its devices gets 403 naming the field; the same release from an admin is created."""
+import json
 import subprocess
+import uuid
+from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_device.release_policy import DATA_ROOT, LOCK_ROOT
+from fleet_device import wire
+from fleet_device.deploy import DeployError, Deployer
+from fleet_device.release_policy import DATA_ROOT, LOCK_ROOT, ReleasePolicy
 from fleet_server.app import create_app
 from fleet_server.config import ConfigError
-from tests.support.stack import LiveServer, _command, make_app, release_payload, server_env
+from tests.support.deploy import SERVE, message, owned_containers, release, spec, workload
+from tests.support.infra import build_busybox_variant, free_port
+from tests.support.stack import (
+    Agent, LiveServer, Process, _answers, _command, eventually, make_app, release_payload, remove_agent_containers,
+    running_stack, server_env,
+)
 
 
 @pytest.fixture
@@ -150,3 +162,140 @@ def test_a_bad_bind_roots_setting_stops_the_server_with_one_line_naming_it(tmp_p
                             timeout=60)
     assert result.returncode != 0
     assert [line for line in result.stderr.splitlines() if "FLEET_ALLOWED_BIND_ROOTS" in line], result.stderr
+
+
+# --- the agent applies the same policy from its own settings ---------------------------------------------
+
+
+@pytest.fixture
+def secured_stack(secured_broker, docker_client, tmp_path):
+    """Server and worker with their own broker account on the secured broker, where devices register."""
+    with running_stack(secured_broker.url, docker_client, tmp_path, extra_env=secured_broker.server_env(),
+                       web_workers=1) as running:
+        yield running
+
+
+def registered_agent(stack, state_dir: Path, *extra) -> tuple[dict, str]:
+    """A device registered with a provisioning token and its agent running: (identity, local API URL)."""
+    token = stack.post("/dongle/provisioning-tokens/", json={"name": "test"}).json()["token"]
+    registered = subprocess.run(
+        _command("fleet-device") + ["register", "--server", stack.url, "--token", token, "--state-dir", str(state_dir),
+                                    "--hardware-id", f"hw-{uuid.uuid4().hex[:12]}"],
+        capture_output=True, text=True, timeout=60, env=stack.env)
+    assert registered.returncode == 0, registered.stderr
+    identity = json.loads((state_dir / "identity.json").read_text())
+    port = free_port()
+    process = Process(
+        _command("fleet-device") + ["run", "--state-dir", str(state_dir), "--api", f"127.0.0.1:{port}",
+                                    "--minion-id-file", str(state_dir / "minion_id"), "--settle", "1", *extra],
+        {**stack.env, "FLEET_LOG_LEVEL": "DEBUG"}, state_dir.parent / f"{state_dir.name}.log").start()
+    stack.processes.append(process)
+    stack.agents.append(Agent(identity["unit_id"], state_dir, f"http://127.0.0.1:{port}", process))
+    eventually(lambda: _answers(f"http://127.0.0.1:{port}/"), 20, message="the agent's local API")
+    return identity, f"http://127.0.0.1:{port}"
+
+
+def publish_retained(broker, account: tuple[str, str], topic: str, payload: bytes):
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fleet-test-forger-{uuid.uuid4().hex[:8]}",
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(*account)
+    client.connect(broker.host, broker.port, keepalive=10)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def forged_privileged(release: dict) -> dict:
+    """The device's document of `release`, with its first container made privileged."""
+    containers = [{key: c[key] for key in ("name", "image", "tag", "required_tags", "purge_data", "registry",
+                                            "fully_qualified_name")}
+                  | {"startup_parameters": {**c["startup_parameters"], "privileged": True}}
+                  for c in release["containers"]]
+    return {"id": release["id"], "version": release["version"], "version_hash": release["version_hash"],
+            "remove_containers": [], "containers": containers}
+
+
+def test_an_agent_refuses_a_privileged_release_forged_on_the_broker_with_the_servers_account(
+        secured_broker, secured_stack, docker_client, unique_name, tmp_path):
+    identity, api = registered_agent(secured_stack, tmp_path / "device")
+    image = unique_name.image("forged", tag="v1")
+    build_busybox_variant(docker_client, image, cmd=["sleep", "3600"])
+    project = secured_stack.post("/docker/projects/", json={"name": "forged"}).json()
+    created = secured_stack.post(f"/docker/projects/{project['id']}/releases/", json=release_payload(
+        [identity["device_id"]], *image.rsplit(":", 1), name=f"f{uuid.uuid4().hex[:8]}"))
+    assert created.status_code == 201, created.text
+    release = created.json()
+    queued = tmp_path / "device" / "projects" / str(project["id"]) / "queued.json"
+    eventually(queued.exists, 30, message="the release to reach the agent")
+
+    # Whoever holds the server's broker account can publish any release; the device judges it by its own settings.
+    document = forged_privileged(release)
+    publish_retained(secured_broker, secured_broker.server, wire.release_topic(identity["unit_id"], project["id"]),
+                     wire.encode(wire.release_message, {"project_id": project["id"], "release": document,
+                                                        "registries": []}))
+    eventually(lambda: json.loads(queued.read_text())["release"] == document, 30,
+               message="the forged release in the agent's queue")
+
+    slept = subprocess.run(_command("fleet-device") + ["sleep", "--api", api.removeprefix("http://")],
+                           capture_output=True, text=True, timeout=120)
+    outcome = json.loads(slept.stdout)["return"][0]
+    field = "containers.0.startup_parameters.privileged"
+    assert outcome["state"] == "failed" and outcome["step"] == "policy" and field in outcome["detail"], outcome
+    assert docker_client.containers.list(all=True, filters={"label": f"fleet.unit_id={identity['unit_id']}"}) == []
+    assert not docker_client.containers.list(all=True, filters={"name": document["containers"][0]["fully_qualified_name"]})
+
+    def reported():
+        deployments = secured_stack.get(f"/docker/projects/{project['id']}/releases/{release['id']}/deployments/").json()
+        rows = deployments["results"] if isinstance(deployments, dict) else deployments
+        return rows and rows[0]["state"] == "failed" and field in rows[0]["detail"] and rows[0]
+    eventually(reported, 30, message="the server to record the refusal")
+
+
+@pytest.fixture
+def strict_deployer(docker_client, tmp_path):
+    """A deploy engine on the real engine with a device's default trust, but its data root in the test's directory."""
+    unit_id = str(uuid.uuid4())
+    engine = Deployer(unit_id, tmp_path / "state", client=docker_client, settle_seconds=0.3, stop_timeout=2,
+                      policy=ReleasePolicy(bind_roots=(str(tmp_path / "data"),)))
+    yield engine
+    remove_agent_containers(docker_client, [unit_id])
+
+
+def test_a_device_refuses_a_bind_that_a_link_inside_its_data_root_leads_out_of(strict_deployer, docker_client,
+                                                                                 unique_name, tmp_path):
+    (tmp_path / "data" / "app").mkdir(parents=True)
+    (tmp_path / "data" / "escape").symlink_to("/etc")  # as a container binding the data root could leave it
+    image = workload(docker_client, unique_name, "strict")
+    name = unique_name("strict")
+    inside = spec(name, image)
+    inside["startup_parameters"]["binds"] = [f"{tmp_path}/data//app/:/data"]
+    strict_deployer.apply(7, release(1, inside), {}, context=message(7, release(1, inside)))
+    strict_deployer.forget(7)
+    assert docker_client.containers.get(name).status == "running"
+
+    escaping = spec(name, image)
+    escaping["startup_parameters"]["binds"] = [f"{tmp_path}/data/app:/data", f"{tmp_path}/data/escape/ssl:/ssl"]
+    with pytest.raises(DeployError) as refused:
+        strict_deployer.apply(7, release(2, escaping), {}, previous=release(1, inside))
+    assert refused.value.step == "policy" and "containers.0.startup_parameters.binds.1" in refused.value.reason
+    assert docker_client.containers.get(name).labels["fleet.release"] == "1"  # nothing was touched
+
+
+def test_a_device_refuses_to_remove_a_container_fleet_does_not_manage_and_leaves_it_running(
+        strict_deployer, docker_client, unique_name, busybox_image):
+    legacy = unique_name("legacy")
+    docker_client.containers.run(busybox_image, SERVE, name=legacy, detach=True, network_mode="none")
+    try:
+        doc = release(1, spec(unique_name("app"), workload(docker_client, unique_name, "app")),
+                      remove_containers=[legacy, "absent-anyway"])
+        with pytest.raises(DeployError) as refused:
+            strict_deployer.apply(8, doc, {})
+        assert refused.value.step == "policy" and "remove_containers.0" in refused.value.reason
+        assert "remove_containers.1" not in refused.value.reason  # nothing by that name: nothing to remove
+        assert docker_client.containers.get(legacy).status == "running"
+        assert owned_containers(docker_client, strict_deployer.unit_id) == {}
+    finally:
+        docker_client.containers.get(legacy).remove(force=True)
