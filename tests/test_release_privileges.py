@@ -299,3 +299,16 @@ def test_a_device_refuses_to_remove_a_container_fleet_does_not_manage_and_leaves
         assert owned_containers(docker_client, strict_deployer.unit_id) == {}
     finally:
         docker_client.containers.get(legacy).remove(force=True)
+
+
+@pytest.mark.parametrize("setting, value, named", [
+    ("FLEET_DEVICE_ALLOWED_BIND_ROOTS", "data", "'data' is not an absolute path"),
+    ("FLEET_DEVICE_ALLOWED_BIND_ROOTS", "/var/lib/fleet-device/data:/var/run/docker.sock", "engine socket"),
+    ("FLEET_DEVICE_ALLOW_PRIVILEGED", "maybe", "'maybe': expected 1 or 0"),
+])
+def test_a_bad_device_setting_stops_the_agent_with_one_line_naming_it(tmp_path, setting, value, named):
+    result = subprocess.run(_command("fleet-device") + ["run", "--state-dir", str(tmp_path)],
+                            env={**server_env(tmp_path, "mqtt://127.0.0.1:1"), setting: value},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert named in result.stderr.splitlines()[-1], result.stderr
