@@ -19,6 +19,7 @@ from . import __version__, logbuffer, wire
 from .commands import ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .execution import CommandRunner
+from .release_policy import ReleasePolicy
 from .state import RegistryStore, ReleaseQueue
 from .telemetry import Telemetry, TelemetryConfig
 
@@ -52,6 +53,8 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # The containers commands may act on: Fleet's own unless the device allows more.
     container_scope: ContainerScope = field(default_factory=ContainerScope)
+    # What a release may hold (privileged mode, binds...); a release asking for more is refused.
+    release_policy: ReleasePolicy = ReleasePolicy()
 
 
 @dataclass
@@ -82,7 +85,7 @@ class Agent:
         self.queue = ReleaseQueue(config.state_dir)
         self.registries = RegistryStore(config.state_dir)
         self.deployer = deployer or Deployer(config.unit_id, config.state_dir, settle_seconds=config.settle_seconds,
-                                             health_timeout=config.health_timeout)
+                                             health_timeout=config.health_timeout, policy=config.release_policy)
         # A SimpleQueue (C, one lock) wakes the message thread sooner and for less CPU than
         # queue.Queue; its bound is kept by `_on_message`, the only producer.
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()

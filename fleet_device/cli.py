@@ -94,6 +94,26 @@ def _positive(text) -> int:
     return number
 
 
+def _yes_no(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected 1 or 0 (yes/no, true/false)")
+
+
+def _bind_roots(text: str) -> tuple[str, ...]:
+    from .release_policy import parse_bind_roots
+
+    try:
+        return parse_bind_roots(text, "FLEET_DEVICE_ALLOWED_BIND_ROOTS")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _env(name, default=None):
     return os.environ.get(name, default)
 
@@ -156,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a new container must keep running to count as started (FLEET_SETTLE_SECONDS)")
     run.add_argument("--health-timeout", type=float, default=float(_env("FLEET_HEALTH_TIMEOUT", "60")),
                      help="seconds a container with a HEALTHCHECK has to become healthy (FLEET_HEALTH_TIMEOUT)")
+
+    trust = run.add_argument_group("what releases may do on this device")
+    trust.add_argument("--allow-privileged", nargs="?", const=True, type=_yes_no,
+                       default=_env("FLEET_DEVICE_ALLOW_PRIVILEGED", "0"), metavar="yes|no",
+                       help="accept releases with privileged mode, host or container: networking, binds anywhere "
+                            "and removal of containers Fleet does not manage (FLEET_DEVICE_ALLOW_PRIVILEGED; "
+                            "default no: such releases fail before anything is touched)")
+    trust.add_argument("--allowed-bind-roots", type=_bind_roots, default=_env("FLEET_DEVICE_ALLOWED_BIND_ROOTS", ""),
+                       metavar="PATH[:PATH...]",
+                       help="host directories a release may bind, ':' or ','-separated (FLEET_DEVICE_ALLOWED_BIND_ROOTS; "
+                            "default /var/lib/fleet-device/data and /var/lib/fleet-device/locks); "
+                            "the engine's socket never")
 
     telemetry = run.add_argument_group("telemetry")
     telemetry.add_argument("--telemetry-interval", type=float, default=float(_env("FLEET_TELEMETRY_INTERVAL", "60")),
@@ -245,6 +277,7 @@ def run(args) -> int:
     from .commands import ContainerScope
     from .local_api import LocalApi, build_gate, is_loopback
     from .provisioning import check_broker_certificate
+    from .release_policy import ReleasePolicy
     from .telemetry import TelemetryConfig
 
     try:
@@ -288,6 +321,7 @@ def run(args) -> int:
         settle_seconds=args.settle,
         reconnect_window=args.reconnect_window,
         health_timeout=args.health_timeout,
+        release_policy=ReleasePolicy(allow_privileged=args.allow_privileged, bind_roots=args.allowed_bind_roots),
         telemetry=TelemetryConfig(
             interval=args.telemetry_interval,
             sources=args.telemetry_sources,

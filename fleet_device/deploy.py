@@ -22,7 +22,8 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from . import wire
+from . import release_policy, wire
+from .release_policy import ReleasePolicy
 from .state import Journal
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,26 @@ def _already_runs(project: str, release: dict, owned: list[Running]) -> bool:
     )
 
 
+def initial_containers(release: dict, state: DeviceState) -> list[Running]:
+    """The containers `remove_containers` names that exist and carry no project's label: Fleet does not manage them."""
+    by_name = {c.name: c for c in state.containers}
+    return [by_name[n] for n in dict.fromkeys(release.get("remove_containers") or [])
+            if n in by_name and by_name[n].project is None]
+
+
+def check_policy(release: dict, state: DeviceState, policy: ReleasePolicy):
+    """Refuse a release this device is not configured to trust, whoever sent it, before anything is done.
+
+    Bind paths are checked with their symbolic links followed too: a link that a container left
+    in an allowed directory must not lead a later bind out of it.
+    """
+    unmanaged = [c.name for c in initial_containers(release, state)]
+    found = release_policy.violations(release, policy, unmanaged, resolve=os.path.realpath)
+    if found:
+        raise DeployError("policy", f"this device does not allow {release_policy.describe(found)} "
+                                    "(see --allow-privileged and --allowed-bind-roots)")
+
+
 def plan(project_id: int, release: dict | None, state: DeviceState, registries: dict[int, dict]) -> list[Step]:
     """The steps that move the project from `state` to `release` (None: remove the project).
 
@@ -165,8 +186,7 @@ def plan(project_id: int, release: dict | None, state: DeviceState, registries: 
         return steps + _prunes(old_refs, set(), state)
 
     by_name = {c.name: c for c in state.containers}
-    initial = [by_name[n] for n in dict.fromkeys(release.get("remove_containers") or [])
-               if n in by_name and by_name[n].project is None]
+    initial = initial_containers(release, state)
     if _already_runs(project, release, owned) and not initial:
         return []
     wanted = [c["fully_qualified_name"] for c in release["containers"]]
@@ -246,8 +266,10 @@ class Deployer:
 
     def __init__(self, unit_id: str, state_dir: Path, client: docker.DockerClient | None = None,
                  settle_seconds: float = 10.0, health_timeout: float = 60.0, stop_timeout: int = 10,
-                 report: Callable | None = None, on_step: Callable | None = None):
+                 report: Callable | None = None, on_step: Callable | None = None,
+                 policy: ReleasePolicy = ReleasePolicy()):
         self.unit_id = unit_id
+        self.policy = policy  # what a release may hold; anything more is refused before the plan
         self.journal = Journal(state_dir)
         self._client = client
         self.settle_seconds = settle_seconds
@@ -336,7 +358,10 @@ class Deployer:
             raise DeployError("recover", "an interrupted deploy of this project is not resolved yet "
                                          "(the engine did not answer the rollback); it is retried first")
         self._registries = registries
-        steps = plan(project_id, release, self.observe(previous, needed_elsewhere), registries)
+        state = self.observe(previous, needed_elsewhere)
+        if release is not None:
+            check_policy(release, state, self.policy)
+        steps = plan(project_id, release, state, registries)
         if not steps:
             return steps
         record = {

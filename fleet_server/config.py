@@ -6,6 +6,8 @@ from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
+from fleet_device.release_policy import parse_bind_roots
+
 log = logging.getLogger(__name__)
 
 SECRET_KEY_FILE = "secret-key"
@@ -61,6 +63,8 @@ def from_environment(environ=None) -> dict:
         "FLEET_DEVICE_BROKER_URL": environ.get("FLEET_DEVICE_BROKER_URL") or None,
         "FLEET_DEVICE_BROKER_CA_FILE": environ.get("FLEET_DEVICE_BROKER_CA_FILE") or None,
         "FLEET_CORS_ORIGINS": environ.get("FLEET_CORS_ORIGINS", ""),
+        # Host paths an operator's release may bind; anything else is an admin's decision.
+        "FLEET_ALLOWED_BIND_ROOTS": environ.get("FLEET_ALLOWED_BIND_ROOTS") or None,
     }
     if config["FLEET_ENV"] not in ("development", "production", "testing"):
         raise ConfigError(f"FLEET_ENV={config['FLEET_ENV']!r}: expected development, production or testing")
@@ -82,6 +86,18 @@ def validate(config: dict) -> None:
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     config["FLEET_SECRET_KEY"] = secret_keys(config)
+    config["FLEET_ALLOWED_BIND_ROOTS"] = allowed_bind_roots(config)
+
+
+def allowed_bind_roots(config: dict) -> tuple[str, ...]:
+    """The setting as normalised paths (already parsed when the config is validated twice)."""
+    value = config.get("FLEET_ALLOWED_BIND_ROOTS")
+    if isinstance(value, (tuple, list)):
+        value = ",".join(value)
+    try:
+        return parse_bind_roots(value, "FLEET_ALLOWED_BIND_ROOTS")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def secret_keys(config: dict) -> str:

@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from fleet_device.deploy import OLD_SUFFIX, DeployError, Deployer, backup_path
-from tests.support.deploy import SERVE, message, owned_containers, release, spec, workload
+from tests.support.deploy import SERVE, TRUSTING, message, owned_containers, release, spec, workload
 from tests.support.infra import build_busybox_variant
 from tests.support.stack import eventually, remove_agent_containers
 
@@ -43,7 +43,8 @@ def device(docker_client, unique_name, tmp_path, busybox_image):
         return doc
 
     v1, v2 = make(1, v1_image), make(2, v2_image, initial=[legacy])
-    Deployer(unit_id, state_dir, client=docker_client, settle_seconds=0.3).apply(PROJECT, v1, {}, context=message(PROJECT, v1))
+    Deployer(unit_id, state_dir, client=docker_client, settle_seconds=0.3, policy=TRUSTING).apply(
+        PROJECT, v1, {}, context=message(PROJECT, v1))
     Deployer(unit_id, state_dir, client=docker_client).forget(PROJECT)
     (data / "v1.db").write_text("what release 1 wrote")
     yield {"unit_id": unit_id, "state_dir": state_dir, "data": data, "names": names, "legacy": legacy,

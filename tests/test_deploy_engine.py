@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from fleet_device.deploy import OLD_SUFFIX, DeployError, Deployer, backup_path
-from tests.support.deploy import SERVE, message, owned_containers, release, spec, workload
+from tests.support.deploy import SERVE, TRUSTING, message, owned_containers, release, spec, workload
 from tests.support.infra import image_exists
 from tests.support.stack import remove_agent_containers
 
@@ -18,7 +18,7 @@ def deployer(docker_client, tmp_path):
     reports = []
     unit_id = str(uuid.uuid4())
     engine = Deployer(unit_id, tmp_path / "state", client=docker_client, settle_seconds=0.6, health_timeout=20,
-                      stop_timeout=2, report=lambda state, step=None, detail="": reports.append(state))
+                      stop_timeout=2, report=lambda state, step=None, detail="": reports.append(state), policy=TRUSTING)
     engine.reports = reports
     yield engine
     remove_agent_containers(docker_client, [unit_id])

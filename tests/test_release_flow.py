@@ -38,10 +38,11 @@ def _queued(agent, project_id):
 
 def test_a_release_reaches_a_running_container_after_the_sleep_trigger(stack, workload, docker_client, tmp_path):
     device = stack.create_device("dongle")
-    agent = stack.start_agent(device)
-    project = _create_project(stack)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
+    # The release binds a directory of the test's own: the device is told it may (the server's token is an admin's).
+    agent = stack.start_agent(device, extra_args=["--allowed-bind-roots", str(tmp_path)])
+    project = _create_project(stack)
     image, tag = workload
     name = _container_name()
     body = release_payload(

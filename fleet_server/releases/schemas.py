@@ -185,7 +185,12 @@ class ReleaseSchema(StrictSchema):
 
 
 class ReleasePatchSchema(ReleaseSchema):
-    """The same fields, all optional: used with partial=True for PATCH."""
+    """The same fields, each optional: a container given whole gets the same defaults as in a full release."""
+
+    def __init__(self, **kwargs):
+        # partial=True would reach into the nested containers and skip their defaults (a missing
+        # `registry` would then be missing from the stored release); naming the fields does not.
+        super().__init__(partial=("version", "devices", "containers", "remove_containers"), **kwargs)
 
 
 class ReleaseListArgs(PaginationArgs):

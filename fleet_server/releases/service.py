@@ -9,16 +9,20 @@ import json
 import logging
 import re
 
+from flask import current_app
 from sqlalchemy.orm import selectinload
 
+from fleet_device import release_policy
+
 from .. import outbox
-from ..errors import FleetError, NotFound
+from ..errors import FleetError, Forbidden, NotFound
 from ..extensions import db
 from ..models import Device, Project, Registry, Release, ReleaseContainer, release_devices
 
 log = logging.getLogger(__name__)
 
 _VERSION_HASH = re.compile(r"^[0-9a-fA-F]{8}$")
+_FULLY_QUALIFIED_NAME = re.compile(r"^deployment-(?P<name>.+)-(?P<project>[0-9]+)$")
 CONTENT_FIELDS = ("version", "device_ids", "containers", "remove_containers")
 
 
@@ -126,6 +130,35 @@ def _containers(data) -> list[ReleaseContainer]:
     ]
 
 
+def _check_privileges(project_id: int, data, role: str):
+    """Only an admin may give a release power over its devices (release_policy); others get 403 naming each field."""
+    if role == "admin":
+        return
+    policy = release_policy.ReleasePolicy(bind_roots=current_app.config["FLEET_ALLOWED_BIND_ROOTS"])
+    found = release_policy.violations(data, policy, _unmanaged_removals(project_id, data))
+    if found:
+        raise Forbidden(
+            f"the {role} role may not create or change this release, only admin may: {release_policy.describe(found)}",
+            {violation.field: [violation.reason] for violation in found},
+        )
+
+
+def _unmanaged_removals(project_id: int, data) -> list[str]:
+    """The remove_containers entries that are not the fully_qualified_name of a container of any release
+    of any project (this one included): the server cannot see a device's engine, so it judges by name."""
+    names = data["remove_containers"]
+    managed = {fully_qualified_name(project_id, c["name"]) for c in data["containers"]}
+    candidates = [match for match in map(_FULLY_QUALIFIED_NAME.match, names) if match and match[0] not in managed]
+    if candidates:
+        rows = db.session.execute(
+            db.select(Release.project_id, ReleaseContainer.name).distinct()
+            .join(ReleaseContainer, ReleaseContainer.release_id == Release.id)
+            .where(ReleaseContainer.name.in_({match["name"] for match in candidates}))
+        )
+        managed |= {fully_qualified_name(project, name) for project, name in rows}
+    return [name for name in names if name not in managed]
+
+
 def _validated_devices(project_id: int, data) -> list[tuple[str, str]]:
     """The (id, unit_id) of the release's devices, once the release is known to fit them."""
     devices = _resolve_devices(data["device_ids"])
@@ -142,7 +175,9 @@ def _link_devices(release: Release, devices: list[tuple[str, str]]):
                            [{"release_id": release.id, "device_id": device_id} for device_id, _unit in devices])
 
 
-def create_release(project: Project, data) -> Release:
+def create_release(project: Project, data, role: str = "admin") -> Release:
+    """Create a release as a token of `role` (callers without HTTP act as the server's owner)."""
+    _check_privileges(project.id, data, role)
     devices = _validated_devices(project.id, data)
     release = Release(
         project=project,
@@ -182,10 +217,15 @@ def _as_data(release: Release) -> dict:
     }
 
 
-def update_release(release: Release, changes) -> Release:
-    """Apply a full (PUT) or partial (PATCH) change; old and new devices all get their active release again."""
+def update_release(release: Release, changes, role: str = "admin") -> Release:
+    """Apply a full (PUT) or partial (PATCH) change; old and new devices all get their active release again.
+
+    The release as it will be is checked against `role`: changing an admin's privileged release
+    (even only its devices) republishes it, which is an admin's decision too.
+    """
     before = _as_data(release)
     data = {**before, **{k: v for k, v in changes.items() if k in CONTENT_FIELDS}}
+    _check_privileges(release.project_id, data, role)
     devices = _validated_devices(release.project_id, data)
     old_unit_ids = [d.unit_id for d in release.devices]
     content_changed = {k: data[k] for k in CONTENT_FIELDS if k != "device_ids"} != {

@@ -4,7 +4,12 @@ from __future__ import annotations
 import uuid
 
 from fleet_device.deploy import LABEL_UNIT
+from fleet_device.release_policy import ReleasePolicy
 from tests.support.infra import build_busybox_variant
+
+# The engine and crash tests bind temporary directories and replace initial containers: they are about
+# deploying, not about what a device trusts (that is tests/test_release_privileges.py).
+TRUSTING = ReleasePolicy(allow_privileged=True)
 
 # Exits at once on SIGTERM, so stopping it takes milliseconds, not the engine's stop timeout.
 SERVE = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]

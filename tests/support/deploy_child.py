@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from fleet_device.deploy import Deployer
+from tests.support.deploy import TRUSTING
 
 
 def main(config_path: str):
@@ -26,7 +27,7 @@ def main(config_path: str):
                 time.sleep(3600)
 
     deployer = Deployer(config["unit_id"], Path(config["state_dir"]), settle_seconds=config.get("settle", 0.5),
-                        stop_timeout=2, on_step=on_step)
+                        stop_timeout=2, on_step=on_step, policy=TRUSTING)
     message = config["message"]
     deployer.apply(message["project_id"], message["release"], {}, previous=config.get("previous"), context=message)
     (Path(config["state_dir"]) / "finished").write_text("finished")
