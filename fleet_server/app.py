@@ -7,6 +7,7 @@ from sqlalchemy import event
 from . import __version__, config as fleet_config, extensions
 from .errors import register_error_handlers
 from .http_security import register_security_headers
+from .json_rules import StrictJSONProvider
 
 API_DESCRIPTION = """\
 Fleet runs Docker containers on fleets of small Linux devices.
@@ -20,6 +21,7 @@ Every endpoint but `/health` needs `Authorization: APIToken <token>`. Tokens hav
 
 def create_app(config=None) -> Flask:
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)
     app.config.update(
         API_TITLE="Fleet",
         API_VERSION=__version__,
