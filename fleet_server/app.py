@@ -83,6 +83,7 @@ def _configure_sqlite(app):
 
 def register_blueprints(app):
     from .commands.views import blp as commands
+    from .deadletters.views import blp as dead_letters
     from .deployments.views import blp as deployments
     from .devices.views import blp as devices
     from .health.views import blp as health
@@ -94,7 +95,7 @@ def register_blueprints(app):
     from .tokens.views import blp as tokens
 
     for blueprint in (health, registries, projects, releases, devices, deployments, commands, logbook, tokens,
-                      provisioning, register):
+                      provisioning, register, dead_letters):
         extensions.api.register_blueprint(blueprint)
 
 
