@@ -1,4 +1,4 @@
-"""The wire contract's JSON rules applied to HTTP: hostile request bodies are a 400 naming the value, NaN never leaves."""
+"""The wire contract's JSON rules over HTTP: a hostile request body is a 400 naming the value; NaN never leaves."""
 from flask.json.provider import DefaultJSONProvider
 from webargs import core
 

@@ -3,10 +3,12 @@ import json
 import math
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
-from fleet_device import wire
+from fleet_device import commands, logbuffer, wire
+from fleet_device.execution import CommandRunner
 from tests.support.stack import release_payload
 
 DEEP = b"[" * 1000 + b"]" * 1000
@@ -50,7 +52,8 @@ def test_the_loader_accepts_what_can_be_stored():
 
 @pytest.mark.parametrize("schema, body, field", [
     (wire.status_message, {"state": "online", "agent_version": "\ud800"}, "agent_version"),
-    (wire.deployment_report, {"project_id": 1, "release_id": 1, "state": "failed", "step": "\ud800", "ts": 1.0}, "step"),
+    (wire.deployment_report, {"project_id": 1, "release_id": 1, "state": "failed", "step": "\ud800", "ts": 1.0},
+     "step"),
     (wire.deployment_report, {"project_id": 1, "release_id": 1, "state": "failed", "detail": "\udc00", "ts": 1.0},
      "detail"),
     (wire.command_result, {"id": str(uuid.uuid4()), "state": "failed", "error": "\ud800", "ts": 1.0}, "error"),
@@ -72,6 +75,46 @@ def test_encode_refuses_a_result_the_server_would_refuse():
         wire.encode(wire.command_result, result)
     with pytest.raises(wire.WireError, match="error: text holding a lone surrogate"):
         wire.encode(wire.command_result, {**result, "return": None, "state": "failed", "error": "\ud800"})
+
+
+class RawRecordingClient:
+    """Stands in for paho: keeps each published payload as sent."""
+
+    def __init__(self):
+        self.payloads = []
+
+    def publish(self, topic, payload, qos=0, properties=None):
+        self.payloads.append(payload)
+        return SimpleNamespace(is_published=lambda: True)
+
+
+@pytest.fixture
+def nan_command(monkeypatch):
+    @commands.command("test.nan", read_only=True)
+    def nan(agent):
+        return {"reading": math.nan}
+
+    yield
+    monkeypatch.delitem(commands.COMMANDS, "test.nan")
+
+
+def test_an_agent_never_sends_a_nan_a_command_returned_but_says_why_it_could_not(tmp_path, nan_command):
+    agent = SimpleNamespace(unit_id=str(uuid.uuid4()), client=RawRecordingClient(), recent_logs=logbuffer.install())
+    runner = CommandRunner(agent, tmp_path / "commands", max_parallel=1, progress_delay=0.1)
+    runner.start()
+    try:
+        body = {"id": str(uuid.uuid4()), "command": "test.nan", "arg": [], "kwarg": {}, "timeout": None,
+                "deadline": time.time() + 60}
+        runner.handle_message(None, SimpleNamespace(payload=wire.encode(wire.command_message, body), properties=None))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(b'"succeeded"' in p for p in agent.client.payloads):
+            time.sleep(0.01)
+    finally:
+        runner.stop()
+    sent = [wire.load_json(payload) for payload in agent.client.payloads]  # every one readable by the server
+    final = [result for result in sent if result["state"] == "succeeded"]
+    assert len(final) == 1 and final[0]["return"] is None
+    assert "unsendable result" in final[0]["error"] and "return.reading: NaN" in final[0]["error"]
 
 
 def test_the_api_never_writes_nan_or_infinity(app):

@@ -34,7 +34,7 @@ class DeadLetterArgs(PaginationArgs):
     unit_id = fields.String(load_default=None, validate=validate.Length(max=36),
                             metadata={"description": "Only this device's dead letters."})
     kind = fields.String(load_default=None, validate=validate.Length(max=20),
-                         metadata={"description": "Only this kind of report (deployments, status, telemetry, results)."})
+                         metadata={"description": "Only this kind: deployments, status, telemetry, results."})
 
 
 DeadLetterPage = page_schema(DeadLetterSummarySchema, "DeadLetterPage")
