@@ -85,8 +85,8 @@ def store_reports(app, messages) -> list[Outcome]:
                     log.exception("database unavailable; message left unacknowledged topic=%s", topic)
                     reasons.append(Outcome.UNAVAILABLE)
                 else:
-                    log.exception("the database refused a message topic=%s", topic)
-                    reasons.append(f"the database refused it: {type(exc).__name__}: {exc}")
+                    log.exception("could not store a message topic=%s; keeping it as a dead letter", topic)
+                    reasons.append(f"storing it failed: {type(exc).__name__}: {exc}")
             finally:
                 db.session.remove()
         try:

@@ -70,7 +70,7 @@ def test_a_report_the_database_refuses_is_a_dead_letter_and_its_batch_is_stored(
     assert outcomes == [Outcome.STORED, Outcome.REJECTED, Outcome.STORED]
     assert _agent_version(app, device) == "2.0"
     [letter] = _letters(app)
-    assert letter.reason.startswith("the database refused it: DataError")
+    assert letter.reason.startswith("storing it failed: DataError") and "value too long" in letter.reason
 
 
 def test_malformed_and_misaddressed_reports_are_dead_letters_too(app, device):
