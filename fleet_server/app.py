@@ -7,6 +7,7 @@ from sqlalchemy import event
 from . import __version__, config as fleet_config, extensions
 from .errors import register_error_handlers
 from .http_security import register_security_headers
+from .json_rules import StrictJSONProvider
 
 API_DESCRIPTION = """\
 Fleet runs Docker containers on fleets of small Linux devices.
@@ -20,6 +21,7 @@ Every endpoint but `/health` needs `Authorization: APIToken <token>`. Tokens hav
 
 def create_app(config=None) -> Flask:
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)
     app.config.update(
         API_TITLE="Fleet",
         API_VERSION=__version__,
@@ -81,6 +83,7 @@ def _configure_sqlite(app):
 
 def register_blueprints(app):
     from .commands.views import blp as commands
+    from .deadletters.views import blp as dead_letters
     from .deployments.views import blp as deployments
     from .devices.views import blp as devices
     from .health.views import blp as health
@@ -92,7 +95,7 @@ def register_blueprints(app):
     from .tokens.views import blp as tokens
 
     for blueprint in (health, registries, projects, releases, devices, deployments, commands, logbook, tokens,
-                      provisioning, register):
+                      provisioning, register, dead_letters):
         extensions.api.register_blueprint(blueprint)
 
 

@@ -40,6 +40,15 @@ def _float(environ, name, default):
         raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
 
 
+def _count(environ, name, default):
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number of at least 1")
+    return int(raw)
+
+
 def from_environment(environ=None) -> dict:
     environ = os.environ if environ is None else environ
     var_dir = Path(environ.get("FLEET_VAR_DIR", "var")).resolve()
@@ -65,6 +74,8 @@ def from_environment(environ=None) -> dict:
         "FLEET_CORS_ORIGINS": environ.get("FLEET_CORS_ORIGINS", ""),
         # Host paths an operator's release may bind; anything else is an admin's decision.
         "FLEET_ALLOWED_BIND_ROOTS": environ.get("FLEET_ALLOWED_BIND_ROOTS") or None,
+        # Reports the worker could not store are kept as dead letters, the newest this many.
+        "FLEET_DEAD_LETTERS_KEPT": _count(environ, "FLEET_DEAD_LETTERS_KEPT", 10000),
     }
     if config["FLEET_ENV"] not in ("development", "production", "testing"):
         raise ConfigError(f"FLEET_ENV={config['FLEET_ENV']!r}: expected development, production or testing")

@@ -162,41 +162,45 @@ KINDS = tuple(_HANDLERS)
 def handle_message(topic: str, payload: bytes) -> bool:
     """Validate and store one device message in its own transaction.
 
-    Returns False when the message was rejected (logged, nothing written).
+    Returns False when the message was rejected (nothing written).
     """
     return handle_batch([(topic, payload)])[0]
 
 
 def handle_batch(messages) -> list[bool]:
+    """Validate and store device messages [(topic, payload)] in one transaction; True for each one stored."""
+    return [reason is None for reason in store_batch(messages)]
+
+
+def store_batch(messages) -> list[str | None]:
     """Validate and store device messages [(topic, payload)] in one transaction; one verdict each.
 
-    True: stored. False: rejected (logged; nothing of it written). Each message is recorded
-    inside a savepoint, so a rejected one undoes only its own writes and the others are
-    committed together: one commit (one fsync) for the lot instead of one per message.
-    Deployment reports are checked before anything of theirs is written, so they need none
-    (see DeploymentReports). A database error propagates with nothing committed.
+    None: stored. A reason: rejected (nothing of it written; the caller keeps it as a dead letter).
+    Each message is recorded inside a savepoint, so a rejected one undoes only its own writes and
+    the others are committed together: one commit (one fsync) for the lot instead of one per
+    message. Deployment reports are checked before anything of theirs is written, so they need
+    none (see DeploymentReports). A database error propagates with nothing committed.
     """
-    decoded = []
+    decoded, reasons = [], []
     for topic, payload in messages:
         try:
             decoded.append(_decode(topic, payload))
+            reasons.append(None)
         except wire.WireError as exc:
-            log.warning("rejected device message topic=%s reason=%s", topic, exc)
             decoded.append(None)
+            reasons.append(str(exc))
     wanted = {where.unit_id for where, message in filter(None, decoded) if message is not None}
     if not wanted:
-        return [entry is not None for entry in decoded]
+        return reasons
     _begin_writing()
     devices = _devices(wanted)
     deployment_reports = _deployment_reports(devices, decoded)
     # A lone message needs no savepoint: if it is rejected, undoing the whole transaction undoes
     # only its writes. That spares two statements on every report that arrives by itself.
     lone = len(messages) == 1
-    verdicts = []
-    for (topic, _payload), entry in zip(messages, decoded):
+    for position, entry in enumerate(decoded):
         if entry is None or entry[1] is None:
-            verdicts.append(entry is not None)  # malformed, or a cleared retained status
-            continue
+            continue  # malformed (its reason is set), or a cleared retained status
         where, message = entry
         try:
             device = devices.get(where.unit_id)
@@ -207,17 +211,15 @@ def handle_batch(messages) -> list[bool]:
             else:
                 with contextlib.nullcontext() if lone else db.session.begin_nested():
                     _HANDLERS[where.kind][1](device, message)
-            verdicts.append(True)
         except (Rejected, KeyError) as exc:
-            log.warning("rejected device message topic=%s reason=%s", topic, exc)
-            verdicts.append(False)
+            reasons[position] = str(exc) if isinstance(exc, Rejected) else f"no such key: {exc}"
             if lone:
                 db.session.rollback()
-                return verdicts
+                return reasons
     if deployment_reports is not None:
         deployment_reports.store()
     db.session.commit()
-    return verdicts
+    return reasons
 
 
 def _deployment_reports(devices, decoded) -> DeploymentReports | None:

