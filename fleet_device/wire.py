@@ -69,9 +69,34 @@ def check_bind(bind: str) -> None:
 
 
 def check_registry_url(url: str) -> None:
-    """A registry is `[http(s)://]host[:port]`: no credentials, path, query or '..' smuggled in."""
+    """A registry is `[http(s)://]host[:port]`: no credentials, path, query or '..' smuggled in.
+
+    The one grammar of registry addresses: the server's API validates with it too, so a release
+    it accepts is never refused on the device.
+    """
     if not isinstance(url, str) or not _REGISTRY_URL.match(url):
-        raise ValidationError(f"{url!r} is not a registry address ([https://]host[:port])")
+        # The address itself is not repeated: it may hold a password.
+        raise ValidationError(f"not a registry address ([https://]host[:port]){_registry_url_flaw(url)}")
+
+
+def _registry_url_flaw(url) -> str:
+    """Why a refused registry address is refused, when a common mistake explains it (else nothing)."""
+    if not isinstance(url, str):
+        return ""
+    scheme, has_scheme, rest = url.partition("://")
+    if has_scheme and scheme not in ("http", "https"):
+        return f": the scheme {scheme!r} is neither http nor https"
+    rest = rest if has_scheme else url
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:
+        return ": credentials belong in the registry's username and password, not in its address"
+    if "#" in rest:
+        return ": an address has no fragment (#...)"
+    if "?" in rest:
+        return ": an address has no query (?...)"
+    if rest.rstrip("/") != authority:
+        return ": an address has no path (Docker names images under host[:port] alone)"
+    return ""
 
 
 # --- Topics -----------------------------------------------------------------

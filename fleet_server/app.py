@@ -49,6 +49,9 @@ def create_app(config=None) -> Flask:
     app.config.update(fleet_config.from_environment())
     app.config.update(config or {})
     fleet_config.validate(app.config)
+    # Werkzeug answers 413 before reading a body announced bigger than this, and stops reading
+    # a chunked one (no Content-Length) once it passes it.
+    app.config["MAX_CONTENT_LENGTH"] = app.config["FLEET_MAX_REQUEST_BYTES"]
     if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # A database server may drop idle connections (restart, failover): test each one as it
         # is taken from the pool. A SQLite file cannot, and the test would cost every request.
