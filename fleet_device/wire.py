@@ -280,6 +280,7 @@ status_message = StatusSchema()
 GEO_POINT = "geo_point"
 NUMERIC_TYPES = ("int", "long", "float", "double")
 INTEGER_TYPES = ("int", "long")
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 TELEMETRY_TYPES = NUMERIC_TYPES + (GEO_POINT,)
 MAX_BATCH_READINGS = 5000
 FIELD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
@@ -292,7 +293,7 @@ _READING_KEYS = frozenset(("field", "type", "ts", "value"))
 def check_reading(item) -> dict:
     """One reading `{field, type, ts, value}` checked and normalised, or ValidationError naming each bad key.
 
-    `value` is a finite number (a whole one for int/long), or `{lat, lon}` for geo_point;
+    `value` is a finite number (a whole one within signed 64 bits for int/long), or `{lat, lon}` for geo_point;
     `ts` is epoch seconds (UTC) with microsecond resolution. Written by hand rather than as a
     nested marshmallow schema because batches carry thousands of readings and marshmallow
     costs ~75 µs per reading, which alone would cap a worker near 13,000 readings/s.
@@ -338,6 +339,9 @@ def _check_value(kind, value):
     if kind in INTEGER_TYPES:
         if value != int(value):
             return f"a {kind} value is a whole number", None
+        if not INT64_MIN <= value <= INT64_MAX:
+            # Bigger whole numbers overflow what the server's aggregates can answer.
+            return f"a {kind} value fits a signed 64-bit integer ({INT64_MIN} to {INT64_MAX})", None
         return None, int(value)
     return None, float(value)
 

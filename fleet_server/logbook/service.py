@@ -1,10 +1,13 @@
 """Storing telemetry batches and reading series back, raw or aggregated in the database."""
 import json
 import logging
+import math
 from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import lru_cache
 
-from sqlalchemy import func, insert, text
+from sqlalchemy import Numeric, cast, func, insert, text
+from sqlalchemy.exc import DBAPIError
 
 from fleet_device.wire import GEO_POINT, INTEGER_TYPES
 
@@ -20,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_RAW_READINGS = 100_000
 _EPOCH = datetime(1970, 1, 1)
 _AGGREGATES = {"avg": func.avg, "min": func.min, "max": func.max, "sum": func.sum}
+NUMERIC_OUT_OF_RANGE = "22003"  # PostgreSQL's SQLSTATE for a double that overflows
 
 
 def record_telemetry(device, batch: dict) -> bool:
@@ -167,13 +171,30 @@ def _raw_json(args: dict, start: int, end: int) -> tuple[bool, str]:
 
 
 def _aggregated(series, start: int, args: dict) -> list[dict]:
+    try:
+        rows = _aggregate_rows(series, start, args, exact=False)
+    except DBAPIError as exc:
+        # PostgreSQL refuses a double sum or average that overflows (SQLite answers Infinity):
+        # read again summing in numeric, which has no such limit, and let _entry say null.
+        if getattr(exc.orig, "sqlstate", None) != NUMERIC_OUT_OF_RANGE:
+            raise
+        db.session.rollback()
+        rows = _aggregate_rows(series, start, args, exact=True)
+    if args["aggregation"] in ("sum", "avg") and not all(_finite(value) for *_, value in rows):
+        rows = _exact_sums(series, start, args)
+    whole = args["field_type"] in INTEGER_TYPES and args["aggregation"] != "avg"
+    return [_entry(first, last, value, whole, args) for first, last, value in rows]
+
+
+def _aggregate_rows(series, start: int, args: dict, exact: bool):
     reading = TelemetryReading.__table__.c
     width = interval_microseconds(args["interval"])
+    value = cast(reading.value, Numeric) if exact else reading.value
     # Buckets count from from_utc. The bucket number is computed in a subquery so the outer
     # GROUP BY names a column: PostgreSQL does not match two copies of an expression that
     # carries bound parameters.
     inner = (
-        db.select(((reading.ts_us - start) // width).label("bucket"), reading.ts_us, reading.value)
+        db.select(((reading.ts_us - start) // width).label("bucket"), reading.ts_us, value.label("value"))
         .where(*series)
         .subquery()
     )
@@ -182,8 +203,40 @@ def _aggregated(series, start: int, args: dict) -> list[dict]:
         .group_by(inner.c.bucket)
         .order_by(inner.c.bucket)
     )
-    whole = args["field_type"] in INTEGER_TYPES and args["aggregation"] != "avg"
-    return [
-        {"ts": _iso(first, "milliseconds"), "max_ts": last // 1000, "value": int(value) if whole else float(value)}
-        for first, last, value in db.session.connection().execute(statement)
-    ]
+    return db.session.connection().execute(statement).all()
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _exact_sums(series, start: int, args: dict) -> list[tuple]:
+    """SQLite's sum and avg in doubles overflow to Infinity: the buckets again, summed exactly in Python.
+
+    Only after an overflow, which honest readings do not reach, so reading every value is acceptable.
+    """
+    reading = TelemetryReading.__table__.c
+    width = interval_microseconds(args["interval"])
+    statement = db.select(reading.ts_us, reading.value).where(*series).order_by(reading.ts_us)
+    buckets: dict[int, list] = {}
+    for ts_us, value in db.session.connection().execute(statement):
+        bucket = buckets.setdefault((ts_us - start) // width, [ts_us, ts_us, Decimal(0), 0])
+        bucket[1] = ts_us
+        bucket[2] += Decimal(value)
+        bucket[3] += 1
+    return [(first, last, total / count if args["aggregation"] == "avg" else total)
+            for _, (first, last, total, count) in sorted(buckets.items())]
+
+
+def _entry(first: int, last: int, value, whole: bool, args: dict) -> dict:
+    """One bucket `{ts, max_ts, value}`; a value its type cannot hold is null, with a note saying why."""
+    entry = {"ts": _iso(first, "milliseconds"), "max_ts": last // 1000}
+    value = None if value is None else float(value)
+    # Inclusive of 2**63: the column is a double, where the largest long reading is stored as 2**63.
+    if value is None or not math.isfinite(value) or (whole and not -2.0 ** 63 <= value <= 2.0 ** 63):
+        entry["value"] = None
+        entry["note"] = (f"overflow: the {args['aggregation']} does not fit a {args['field_type']}"
+                         f" ({'a signed 64-bit integer' if whole else 'a finite double'})")
+        return entry
+    entry["value"] = int(value) if whole else value
+    return entry
