@@ -45,6 +45,14 @@ def _wait_for(url, seconds, what):
     raise SystemExit(f"{what} did not answer at {url} within {seconds} s; see the logs under var/")
 
 
+def _private_log(path: Path):
+    """The log file opened for appending, readable by this user only (also one left by an older run)."""
+    # Logs hold command results (docker.inspect shows containers' environments).
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(descriptor, 0o600)
+    return os.fdopen(descriptor, "ab")
+
+
 class Stack:
     def __init__(self):
         self.var = Path(os.environ.get("FLEET_VAR_DIR", "var")).resolve()
@@ -60,7 +68,7 @@ class Stack:
         }
 
     def spawn(self, name, args):
-        log_file = open(self.var / f"{name}.log", "ab")
+        log_file = _private_log(self.var / f"{name}.log")
         process = subprocess.Popen(args, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         self.processes.append((name, process))
@@ -68,8 +76,9 @@ class Stack:
 
     def prepare(self):
         from .broker_accounts.bootstrap import ADMIN_USERNAME, SERVER_USERNAME, prepare
+        from .config import private_dir
 
-        self.var.mkdir(parents=True, exist_ok=True)
+        private_dir(self.var)
         self.broker = prepare(self.var / "broker", port=self.broker_port, tls_port=self.broker_tls_port)
         self.env.update({
             "FLEET_MQTT_USERNAME": SERVER_USERNAME,
@@ -120,7 +129,7 @@ class Stack:
         if identity is None:
             hardware_file = device_dir / "hardware_id"
             if not hardware_file.exists():
-                device_dir.mkdir(parents=True, exist_ok=True)
+                device_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 hardware_file.write_text(f"local-{uuid.uuid4()}\n")
             token = subprocess.run(
                 [_bin("fleet-server"), "provisioning-tokens", "create", "--name", "make run", "--expires-in", "600"],
