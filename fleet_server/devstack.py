@@ -61,6 +61,8 @@ class Stack:
         self.http_port = _port("FLEET_HTTP_PORT", 8000)
         self.device_port = _port("FLEET_DEVICE_API_PORT", 9000)
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[float]] = {}  # when each component was last restarted
         self.env = {
             **os.environ,
             "FLEET_VAR_DIR": str(self.var),
@@ -71,6 +73,9 @@ class Stack:
         log_file = _private_log(self.var / f"{name}.log")
         process = subprocess.Popen(args, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        log_file.close()  # the child has its own copy
+        self.commands[name] = args
+        self.processes = [(other, running) for other, running in self.processes if other != name]
         self.processes.append((name, process))
         return process
 
@@ -179,26 +184,40 @@ Fleet is running.
 
 Try:
   curl -H "Authorization: APIToken {token}" {api}/dongle/devices/
-Ctrl-C stops everything.
+A component that exits is restarted. Ctrl-C stops everything.
 """,
             flush=True,
         )
 
     def watch(self):
-        """Wait for Ctrl-C or for any component to exit, then stop them all."""
+        """Restart any component that exits, until Ctrl-C or SIGTERM; then the caller stops them all."""
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        due: dict[str, float] = {}  # components waiting out their back-off, and when they start again
         try:
             while not stopping:
-                for name, process in self.processes:
-                    if process.poll() is not None:
-                        print(f"{name} exited with code {process.returncode}; see {self.var / (name + '.log')}",
-                              file=sys.stderr)
-                        return 1
+                for name, process in list(self.processes):
+                    if name not in due and process.poll() is not None:
+                        due[name] = time.monotonic() + self.back_off(name)
+                        print(f"{name} exited with code {process.returncode}; restarting it in "
+                              f"{due[name] - time.monotonic():.0f} s (log: {self.var / (name + '.log')})",
+                              file=sys.stderr, flush=True)
+                for name, when in list(due.items()):
+                    if time.monotonic() >= when:
+                        del due[name]
+                        process = self.spawn(name, self.commands[name])
+                        print(f"{name} restarted (pid {process.pid})", file=sys.stderr, flush=True)
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
         return 0
+
+    def back_off(self, name) -> float:
+        """Seconds before restarting `name`: none at first, doubling (to 30 s) while it keeps dying within a minute."""
+        now = time.monotonic()
+        recent = [moment for moment in self.restarts.get(name, []) if now - moment < 60]
+        self.restarts[name] = recent + [now]
+        return 0.0 if not recent else min(30.0, 2.0 ** (len(recent) - 1))
 
     def stop(self):
         for name, process in reversed(self.processes):
