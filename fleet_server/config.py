@@ -112,7 +112,9 @@ def validate(config: dict) -> None:
     uri = config["SQLALCHEMY_DATABASE_URI"]
     if not uri.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"FLEET_DATABASE_URL={uri!r}: expected a sqlite:/// or postgresql+psycopg:// URL")
-    private_dir(Path(config["FLEET_VAR_DIR"]))
+    if Path(config["FLEET_VAR_DIR"]).is_dir():
+        # Tightened when it exists; made (0700) only when something is written into it.
+        private_dir(Path(config["FLEET_VAR_DIR"]))
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         _private_database_file(Path(uri.removeprefix("sqlite:///")))
     config["FLEET_SECRET_KEY"] = secret_keys(config)
