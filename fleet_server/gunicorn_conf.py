@@ -7,6 +7,7 @@ each socket operation a deadline, so a client that stops sending mid-request los
 after FLEET_CLIENT_TIMEOUT seconds. A reverse proxy in front (docker-compose.yml) buffers
 whole requests and is the first line against many slow clients; these settings are the second.
 """
+import logging
 import os
 
 from gunicorn.workers.gthread import ThreadWorker
@@ -19,8 +20,23 @@ except ConfigError as exc:
     raise SystemExit(f"configuration: {exc}") from None
 
 
+class StalledClientRecord(logging.Filter):
+    """gunicorn logs a client's timeout as a socket error with a traceback: one plain line is enough."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "closed a connection whose client stalled for %s s", (CLIENT_TIMEOUT,), None, None)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 class ClientTimeoutWorker(ThreadWorker):
     """gunicorn's gthread worker with a deadline on every read and write of a client's socket."""
+
+    def init_process(self):
+        self.log.error_log.addFilter(StalledClientRecord())
+        super().init_process()
 
     def handle(self, conn):
         # In the thread, before the first read: conn.init() left the socket blocking with no

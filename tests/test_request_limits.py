@@ -114,6 +114,9 @@ def test_a_client_that_stops_mid_request_is_disconnected_after_the_client_timeou
     # Closed without an answer (or with gunicorn's own error page), well before the worker timeout.
     assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
     assert time.monotonic() - started < CLIENT_TIMEOUT + 10
+    # Said in one line, not as a socket error with a traceback per stalled client.
+    eventually(lambda: "client stalled for" in served["server"].log(), 10, message="the stalled client's line")
+    assert "TimeoutError" not in served["server"].log()
 
 
 @pytest.mark.parametrize("setting, value", [
