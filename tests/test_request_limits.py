@@ -101,7 +101,7 @@ def test_idle_half_sent_requests_do_not_stop_the_api(served):
 
 
 def test_a_client_that_stops_mid_request_is_disconnected_after_the_client_timeout(served):
-    connection = _half_sent_request(served["port"], body_started=True)
+    connection = _half_sent_request(served["port"], body_started=False)
     connection.settimeout(CLIENT_TIMEOUT + 15)
     started = time.monotonic()
     try:
@@ -111,8 +111,8 @@ def test_a_client_that_stops_mid_request_is_disconnected_after_the_client_timeou
             answer = b""
     finally:
         connection.close()
-    # Closed without an answer (or with gunicorn's own error page), well before the worker timeout.
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
+    # Closed without an answer, well before the worker timeout.
+    assert answer == b""
     assert time.monotonic() - started < CLIENT_TIMEOUT + 10
     # Said in one line, not as a socket error with a traceback per stalled client.
     eventually(lambda: "client stalled for" in served["server"].log(), 10, message="the stalled client's line")
