@@ -352,3 +352,13 @@ def test_readings_stored_before_entries_were_rendered_at_ingest_get_the_same_ent
         assert db.session.execute(db.select(TelemetryReading.id, TelemetryReading.entry_json)).all() == rendered
     assert read(client, auth, device, field="track.pos.loc", field_type="geo_point").get_json() == [
         {"ts": "2020-07-09T10:00:02.500000Z", "location": {"lat": -33.8688, "lon": 151.2093}}]
+
+
+def test_only_the_bucket_that_overflows_is_null(client, auth, device, send):
+    send([voltage("2020-07-09T10:00:01Z", 1.7e308, "big", "double"),
+          voltage("2020-07-09T10:00:02Z", 1.7e308, "big", "double"),
+          voltage("2020-07-09T10:20:01Z", 1.5, "big", "double"),
+          voltage("2020-07-09T10:20:02Z", 2.5, "big", "double")])
+    body = read(client, auth, device, field="big", field_type="double", aggregation="sum", interval="10m").get_json()
+    assert [entry["value"] for entry in body] == [None, 4.0]
+    assert body[0]["note"] == "overflow: the sum does not fit a double (a finite double)" and "note" not in body[1]

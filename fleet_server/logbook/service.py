@@ -180,8 +180,9 @@ def _aggregated(series, start: int, args: dict) -> list[dict]:
             raise
         db.session.rollback()
         rows = _aggregate_rows(series, start, args, exact=True)
-    if args["aggregation"] in ("sum", "avg") and not all(_finite(value) for *_, value in rows):
-        rows = _exact_sums(series, start, args)
+    if args["aggregation"] in ("sum", "avg"):
+        rows = [(first, last, value if _finite(value) else _exact_sum(series, first, last, args["aggregation"]))
+                for first, last, value in rows]
     whole = args["field_type"] in INTEGER_TYPES and args["aggregation"] != "avg"
     return [_entry(first, last, value, whole, args) for first, last, value in rows]
 
@@ -210,22 +211,17 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _exact_sums(series, start: int, args: dict) -> list[tuple]:
-    """SQLite's sum and avg in doubles overflow to Infinity: the buckets again, summed exactly in Python.
+def _exact_sum(series, first: int, last: int, aggregation: str) -> Decimal:
+    """SQLite sums in doubles, overflowing to Infinity: one bucket's readings (first to last) summed exactly.
 
-    Only after an overflow, which honest readings do not reach, so reading every value is acceptable.
+    Only after an overflow, which honest readings do not reach; _entry then says whether the
+    exact result fits.
     """
     reading = TelemetryReading.__table__.c
-    width = interval_microseconds(args["interval"])
-    statement = db.select(reading.ts_us, reading.value).where(*series).order_by(reading.ts_us)
-    buckets: dict[int, list] = {}
-    for ts_us, value in db.session.connection().execute(statement):
-        bucket = buckets.setdefault((ts_us - start) // width, [ts_us, ts_us, Decimal(0), 0])
-        bucket[1] = ts_us
-        bucket[2] += Decimal(value)
-        bucket[3] += 1
-    return [(first, last, total / count if args["aggregation"] == "avg" else total)
-            for _, (first, last, total, count) in sorted(buckets.items())]
+    statement = db.select(reading.value).where(*series, reading.ts_us >= first, reading.ts_us <= last)
+    values = [Decimal(value) for value, in db.session.connection().execute(statement)]
+    total = sum(values, Decimal(0))
+    return total / len(values) if aggregation == "avg" and values else total
 
 
 def _entry(first: int, last: int, value, whole: bool, args: dict) -> dict:
