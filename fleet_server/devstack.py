@@ -4,7 +4,8 @@ Everything it creates lives under the var dir (FLEET_VAR_DIR, default ./var); re
 reuses the database, the admin token, the broker's keys and accounts, and the local device.
 The broker runs secured (anonymous off, dynamic security, TLS): the server uses its own
 account, and the local agent registers with a provisioning token like any device and
-connects over TLS with the account it was given.
+connects over TLS with the account it was given. A component that exits is started again
+(with a line saying so, and a growing pause while it keeps dying); Ctrl-C stops them all.
 """
 import logging
 import os
