@@ -136,9 +136,9 @@ def _private_database_file(path: Path) -> None:
     """Create the SQLite file 0600 before SQLite does (it would follow the umask); its -wal and -shm files copy the mode."""
     if not path.parent.exists():
         private_dir(path.parent)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    os.close(descriptor)
-    if path.stat().st_uid == os.getuid():
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    elif path.stat().st_uid == os.getuid():
         os.chmod(path, 0o600)
 
 
