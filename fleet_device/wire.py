@@ -198,9 +198,34 @@ def check_bind(bind: str) -> None:
 
 
 def check_registry_url(url: str) -> None:
-    """A registry is `[http(s)://]host[:port]`: no credentials, path, query or '..' smuggled in."""
+    """A registry is `[http(s)://]host[:port]`: no credentials, path, query or '..' smuggled in.
+
+    The one grammar of registry addresses: the server's API validates with it too, so a release
+    it accepts is never refused on the device.
+    """
     if not isinstance(url, str) or not _REGISTRY_URL.match(url):
-        raise ValidationError(f"{url!r} is not a registry address ([https://]host[:port])")
+        # The address itself is not repeated: it may hold a password.
+        raise ValidationError(f"not a registry address ([https://]host[:port]){_registry_url_flaw(url)}")
+
+
+def _registry_url_flaw(url) -> str:
+    """Why a refused registry address is refused, when a common mistake explains it (else nothing)."""
+    if not isinstance(url, str):
+        return ""
+    scheme, has_scheme, rest = url.partition("://")
+    if has_scheme and scheme not in ("http", "https"):
+        return f": the scheme {scheme!r} is neither http nor https"
+    rest = rest if has_scheme else url
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:
+        return ": credentials belong in the registry's username and password, not in its address"
+    if "#" in rest:
+        return ": an address has no fragment (#...)"
+    if "?" in rest:
+        return ": an address has no query (?...)"
+    if rest.rstrip("/") != authority:
+        return ": an address has no path (Docker names images under host[:port] alone)"
+    return ""
 
 
 # --- Topics -----------------------------------------------------------------
@@ -392,6 +417,7 @@ status_message = StatusSchema()
 GEO_POINT = "geo_point"
 NUMERIC_TYPES = ("int", "long", "float", "double")
 INTEGER_TYPES = ("int", "long")
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 TELEMETRY_TYPES = NUMERIC_TYPES + (GEO_POINT,)
 MAX_BATCH_READINGS = 5000
 FIELD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
@@ -404,7 +430,7 @@ _READING_KEYS = frozenset(("field", "type", "ts", "value"))
 def check_reading(item) -> dict:
     """One reading `{field, type, ts, value}` checked and normalised, or ValidationError naming each bad key.
 
-    `value` is a finite number (a whole one for int/long), or `{lat, lon}` for geo_point;
+    `value` is a finite number (a whole one within signed 64 bits for int/long), or `{lat, lon}` for geo_point;
     `ts` is epoch seconds (UTC) with microsecond resolution. Written by hand rather than as a
     nested marshmallow schema because batches carry thousands of readings and marshmallow
     costs ~75 µs per reading, which alone would cap a worker near 13,000 readings/s.
@@ -450,6 +476,9 @@ def _check_value(kind, value):
     if kind in INTEGER_TYPES:
         if value != int(value):
             return f"a {kind} value is a whole number", None
+        if not INT64_MIN <= value <= INT64_MAX:
+            # Bigger whole numbers overflow what the server's aggregates can answer.
+            return f"a {kind} value fits a signed 64-bit integer ({INT64_MIN} to {INT64_MAX})", None
         return None, int(value)
     return None, float(value)
 

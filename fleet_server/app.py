@@ -8,6 +8,7 @@ from . import __version__, config as fleet_config, extensions
 from .errors import register_error_handlers
 from .http_security import register_security_headers
 from .json_rules import StrictJSONProvider
+from .request_limits import limit_request_bodies
 
 API_DESCRIPTION = """\
 Fleet runs Docker containers on fleets of small Linux devices.
@@ -51,6 +52,7 @@ def create_app(config=None) -> Flask:
     app.config.update(fleet_config.from_environment())
     app.config.update(config or {})
     fleet_config.validate(app.config)
+    limit_request_bodies(app)
     if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         # A database server may drop idle connections (restart, failover): test each one as it
         # is taken from the pool. A SQLite file cannot, and the test would cost every request.

@@ -41,6 +41,12 @@ def _iso8601(ctx, param, value):
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+class InvalidOption(click.ClickException):
+    """A usage mistake told in one line (`Error: ...`), with the exit code of click's usage errors."""
+
+    exit_code = 2
+
+
 @main.group()
 def tokens():
     """Create, list and revoke API tokens."""
@@ -55,6 +61,8 @@ def tokens_create(name, expires, role):
     """Create a token and print its value (shown only this once)."""
     from .tokens import service
 
+    if expires is not None and expires <= datetime.now(timezone.utc):
+        raise InvalidOption(f"--expires {expires.isoformat()} is in the past: give a future date-time")
     _token, value = service.create(name, expires, role)
     click.echo(value)
 
@@ -146,14 +154,21 @@ def worker(worker_id, heartbeat_file):
 @main.command()
 @click.option("--bind", default="127.0.0.1:8000", show_default=True)
 @click.option("--workers", default=2, show_default=True, type=int)
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Threads per worker; above 1, gunicorn's gthread workers, which keep connections alive.")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Threads per worker (gunicorn's gthread workers): how many requests one worker serves at once.")
 def serve(bind, workers, threads):
-    """Serve the REST API with gunicorn."""
+    """Serve the REST API with gunicorn (settings in fleet_server/gunicorn_conf.py)."""
+    from .config import client_timeout
+
+    try:
+        client_timeout(os.environ)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
     os.execvp(
         sys.executable,
-        [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers), "--threads", str(threads),
-         "--access-logfile", "-", "fleet_server.app:create_app()"],
+        [sys.executable, "-m", "gunicorn", "--config", "python:fleet_server.gunicorn_conf", "--bind", bind,
+         "--workers", str(workers), "--threads", str(threads), "--access-logfile", "-",
+         "fleet_server.app:create_app()"],
     )
 
 

@@ -11,6 +11,7 @@ from fleet_device.release_policy import parse_bind_roots
 log = logging.getLogger(__name__)
 
 SECRET_KEY_FILE = "secret-key"
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -49,6 +50,25 @@ def _count(environ, name, default):
     return int(raw)
 
 
+def client_timeout(environ) -> float:
+    """FLEET_CLIENT_TIMEOUT: seconds the API waits on a client's socket before closing it (gunicorn_conf.py)."""
+    seconds = _float(environ, "FLEET_CLIENT_TIMEOUT", 10.0)
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"FLEET_CLIENT_TIMEOUT={seconds!r}: expected seconds between 0 and 3600")
+    return seconds
+
+
+def public_url(environ) -> str | None:
+    """FLEET_PUBLIC_URL: where clients reach the API (`https://fleet.example.com`), without a trailing slash."""
+    raw = environ.get("FLEET_PUBLIC_URL") or None
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"FLEET_PUBLIC_URL={raw!r}: expected http(s)://HOST[:PORT][/PATH]")
+    return raw.rstrip("/")
+
+
 def from_environment(environ=None) -> dict:
     environ = os.environ if environ is None else environ
     var_dir = Path(environ.get("FLEET_VAR_DIR", "var")).resolve()
@@ -76,6 +96,10 @@ def from_environment(environ=None) -> dict:
         "FLEET_ALLOWED_BIND_ROOTS": environ.get("FLEET_ALLOWED_BIND_ROOTS") or None,
         # Reports the worker could not store are kept as dead letters, the newest this many.
         "FLEET_DEAD_LETTERS_KEPT": _count(environ, "FLEET_DEAD_LETTERS_KEPT", 10000),
+        # Hostile input: the largest request body accepted (bigger gets 413), and the base of
+        # the links the API writes (pagination), never taken from the request's Host header.
+        "FLEET_MAX_REQUEST_BYTES": _count(environ, "FLEET_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
+        "FLEET_PUBLIC_URL": public_url(environ),
     }
     if config["FLEET_ENV"] not in ("development", "production", "testing"):
         raise ConfigError(f"FLEET_ENV={config['FLEET_ENV']!r}: expected development, production or testing")
@@ -94,8 +118,11 @@ def validate(config: dict) -> None:
     uri = config["SQLALCHEMY_DATABASE_URI"]
     if not uri.startswith(("sqlite:", "postgresql")):
         raise ConfigError(f"FLEET_DATABASE_URL={uri!r}: expected a sqlite:/// or postgresql+psycopg:// URL")
+    if Path(config["FLEET_VAR_DIR"]).is_dir():
+        # Tightened when it exists; made (0700) only when something is written into it.
+        private_dir(Path(config["FLEET_VAR_DIR"]))
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _private_database_file(Path(uri.removeprefix("sqlite:///")))
     config["FLEET_SECRET_KEY"] = secret_keys(config)
     config["FLEET_ALLOWED_BIND_ROOTS"] = allowed_bind_roots(config)
 
@@ -109,6 +136,28 @@ def allowed_bind_roots(config: dict) -> tuple[str, ...]:
         return parse_bind_roots(value, "FLEET_ALLOWED_BIND_ROOTS")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` readable by this user only (0700), or tighten it when this user owns it already.
+
+    The var dir holds the database, the secret key and logs with command results (container
+    environments): nobody else on the host has business reading them.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o700)
+    return path
+
+
+def _private_database_file(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would follow the umask); its -wal and -shm files copy the mode."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    elif path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o600)
 
 
 def secret_keys(config: dict) -> str:
@@ -139,7 +188,7 @@ def secret_keys(config: dict) -> str:
 def _generated_key(path: Path) -> str:
     """Read the development key, creating it first if needed (safe when many processes start at once)."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         staging = path.with_name(f".{path.name}.{os.getpid()}")
         descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:

@@ -4,7 +4,8 @@ Everything it creates lives under the var dir (FLEET_VAR_DIR, default ./var); re
 reuses the database, the admin token, the broker's keys and accounts, and the local device.
 The broker runs secured (anonymous off, dynamic security, TLS): the server uses its own
 account, and the local agent registers with a provisioning token like any device and
-connects over TLS with the account it was given.
+connects over TLS with the account it was given. A component that exits is started again
+(with a line saying so, and a growing pause while it keeps dying); Ctrl-C stops them all.
 """
 import logging
 import os
@@ -45,6 +46,14 @@ def _wait_for(url, seconds, what):
     raise SystemExit(f"{what} did not answer at {url} within {seconds} s; see the logs under var/")
 
 
+def _private_log(path: Path):
+    """The log file opened for appending, readable by this user only (also one left by an older run)."""
+    # Logs hold command results (docker.inspect shows containers' environments).
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(descriptor, 0o600)
+    return os.fdopen(descriptor, "ab")
+
+
 class Stack:
     def __init__(self):
         self.var = Path(os.environ.get("FLEET_VAR_DIR", "var")).resolve()
@@ -53,6 +62,8 @@ class Stack:
         self.http_port = _port("FLEET_HTTP_PORT", 8000)
         self.device_port = _port("FLEET_DEVICE_API_PORT", 9000)
         self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[float]] = {}  # when each component was last restarted
         self.env = {
             **os.environ,
             "FLEET_VAR_DIR": str(self.var),
@@ -60,16 +71,20 @@ class Stack:
         }
 
     def spawn(self, name, args):
-        log_file = open(self.var / f"{name}.log", "ab")
+        log_file = _private_log(self.var / f"{name}.log")
         process = subprocess.Popen(args, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        log_file.close()  # the child has its own copy
+        self.commands[name] = args
+        self.processes = [(other, running) for other, running in self.processes if other != name]
         self.processes.append((name, process))
         return process
 
     def prepare(self):
         from .broker_accounts.bootstrap import ADMIN_USERNAME, SERVER_USERNAME, prepare
+        from .config import private_dir
 
-        self.var.mkdir(parents=True, exist_ok=True)
+        private_dir(self.var)
         self.broker = prepare(self.var / "broker", port=self.broker_port, tls_port=self.broker_tls_port)
         self.env.update({
             "FLEET_MQTT_USERNAME": SERVER_USERNAME,
@@ -120,7 +135,7 @@ class Stack:
         if identity is None:
             hardware_file = device_dir / "hardware_id"
             if not hardware_file.exists():
-                device_dir.mkdir(parents=True, exist_ok=True)
+                device_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 hardware_file.write_text(f"local-{uuid.uuid4()}\n")
             token = subprocess.run(
                 [_bin("fleet-server"), "provisioning-tokens", "create", "--name", "make run", "--expires-in", "600"],
@@ -170,26 +185,40 @@ Fleet is running.
 
 Try:
   curl -H "Authorization: APIToken {token}" {api}/dongle/devices/
-Ctrl-C stops everything.
+A component that exits is restarted. Ctrl-C stops everything.
 """,
             flush=True,
         )
 
     def watch(self):
-        """Wait for Ctrl-C or for any component to exit, then stop them all."""
+        """Restart any component that exits, until Ctrl-C or SIGTERM; then the caller stops them all."""
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        due: dict[str, float] = {}  # components waiting out their back-off, and when they start again
         try:
             while not stopping:
-                for name, process in self.processes:
-                    if process.poll() is not None:
-                        print(f"{name} exited with code {process.returncode}; see {self.var / (name + '.log')}",
-                              file=sys.stderr)
-                        return 1
+                for name, process in list(self.processes):
+                    if name not in due and process.poll() is not None:
+                        due[name] = time.monotonic() + self.back_off(name)
+                        print(f"{name} exited with code {process.returncode}; restarting it in "
+                              f"{due[name] - time.monotonic():.0f} s (log: {self.var / (name + '.log')})",
+                              file=sys.stderr, flush=True)
+                for name, when in list(due.items()):
+                    if time.monotonic() >= when:
+                        del due[name]
+                        process = self.spawn(name, self.commands[name])
+                        print(f"{name} restarted (pid {process.pid})", file=sys.stderr, flush=True)
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
         return 0
+
+    def back_off(self, name) -> float:
+        """Seconds before restarting `name`: none at first, doubling (to 30 s) while it keeps dying within a minute."""
+        now = time.monotonic()
+        recent = [moment for moment in self.restarts.get(name, []) if now - moment < 60]
+        self.restarts[name] = recent + [now]
+        return 0.0 if not recent else min(30.0, 2.0 ** (len(recent) - 1))
 
     def stop(self):
         for name, process in reversed(self.processes):

@@ -2,7 +2,7 @@
 import logging
 
 from flask import jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,12 @@ def register_error_handlers(app):
     def handle_fleet_error(error):
         name = HTTP_STATUS_CODES.get(error.status, "Error")
         return error_response(error.status, name, error.message, error.errors)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def handle_too_large(error):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return error_response(413, error.name, f"the request body is larger than {limit} bytes, "
+                                               "the most this server accepts (FLEET_MAX_REQUEST_BYTES)")
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error):

@@ -2,7 +2,7 @@
 from json.encoder import encode_basestring_ascii
 from urllib.parse import urlencode
 
-from flask import request
+from flask import current_app, request
 from marshmallow import Schema, fields
 
 from .extensions import db
@@ -13,7 +13,7 @@ def page_schema(item_schema, name):
     return Schema.from_dict(
         {
             "count": fields.Integer(required=True, metadata={"description": "Items matching, over all pages."}),
-            "next": fields.String(required=True, allow_none=True, metadata={"description": "URL of the next page."}),
+            "next": fields.String(required=True, allow_none=True, metadata={"description": "URL of the next page: absolute under FLEET_PUBLIC_URL, else a path."}),
             "previous": fields.String(
                 required=True, allow_none=True, metadata={"description": "URL of the previous page."}
             ),
@@ -24,9 +24,15 @@ def page_schema(item_schema, name):
 
 
 def _link(offset, limit):
+    """The URL of another page: under FLEET_PUBLIC_URL when set, else relative to this server's root.
+
+    Never from the request's Host header, which any client writes: a forged one would make the
+    answer (and any cache in front) send the next request elsewhere.
+    """
     args = request.args.to_dict()
     args.update(offset=offset, limit=limit)
-    return f"{request.base_url}?{urlencode(args)}"
+    base = current_app.config.get("FLEET_PUBLIC_URL") or ""
+    return f"{base}{request.script_root}{request.path}?{urlencode(args)}"
 
 
 def page_envelope(total, limit, offset, results):

@@ -20,14 +20,17 @@ def devstack(tmp_path, docker_client):
     ports = {"FLEET_BROKER_PORT": free_port(), "FLEET_HTTP_PORT": free_port(), "FLEET_DEVICE_API_PORT": free_port(),
              "FLEET_BROKER_TLS_PORT": free_port()}
     env = {**os.environ, "FLEET_VAR_DIR": str(tmp_path / "var"), **{k: str(v) for k, v in ports.items()}}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "fleet-server"), "devstack"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    # Its output goes to a file: a pipe nobody reads would block it once full.
+    output = tmp_path / "devstack.out"
+    with open(output, "wb") as sink:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "fleet-server"), "devstack"], env=env,
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     var = tmp_path / "var"
     try:
         eventually(lambda: (var / "admin-token").exists() and _up(ports), 60, message="the devstack to come up")
-        yield {"var": var, "env": env, **ports, "process": process}
+        yield {"var": var, "env": env, **ports, "process": process, "output": output}
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -93,3 +96,47 @@ def test_rerunning_the_devstack_keeps_its_token_and_device(devstack):
     finally:
         again.send_signal(signal.SIGINT)
         again.wait(30)
+
+
+def _components(devstack_pid: int) -> dict[str, int]:
+    """The devstack's children by component (broker, server, worker, device), from /proc."""
+    markers = {"mosquitto": "broker", "gunicorn": "server", "worker": "worker", "run": "device"}
+    found = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat_file.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) != devstack_pid or fields[0] == "Z":
+            continue
+        words = {word.decode(errors="replace").rsplit("/", 1)[-1] for word in cmdline}
+        for marker, component in markers.items():
+            if marker in words:
+                found[component] = int(stat_file.parent.name)
+    return found
+
+
+@pytest.mark.parametrize("component", ["worker", "broker", "device", "server"])
+def test_a_component_that_dies_is_restarted_with_a_line_saying_so(devstack, component):
+    before = eventually(lambda: (lambda found: found if len(found) == 4 else None)(
+        _components(devstack["process"].pid)), 10, message="the four components")
+    os.kill(before[component], signal.SIGKILL)
+    eventually(lambda: f"{component} exited with code -9; restarting it" in devstack["output"].read_text(), 15,
+               message=f"the line saying {component} is restarted")
+    restarted = eventually(lambda: (lambda pid: pid if pid not in (None, before[component]) else None)(
+        _components(devstack["process"].pid).get(component)), 30, message=f"a new {component} process")
+    assert restarted != before[component]
+    assert devstack["process"].poll() is None
+    eventually(lambda: _up(devstack), 60, message="the devstack answering again")
+
+
+def test_the_devstack_s_var_dir_database_and_logs_are_this_user_s_only(devstack):
+    import stat
+
+    var = devstack["var"]
+    assert stat.S_IMODE(var.stat().st_mode) == 0o700
+    private = [var / "fleet.db", var / "secret-key", var / "admin-token", *var.glob("*.log")]
+    assert {path.name for path in var.glob("*.log")} >= {"broker.log", "server.log", "worker.log", "device.log"}
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

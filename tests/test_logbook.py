@@ -235,7 +235,7 @@ def test_a_timestamp_is_rounded_to_the_nearest_microsecond_even_across_midnight(
 @pytest.mark.parametrize("kind, values", [
     ("double", [-273.15, 0.1 + 0.2, 1e16, 1e15 + 0.5, 123456789012345.6, 1.5e-07, 1e-05, 0.0001, -1e300, 5e-324,
                 2.0 ** 0.5, 13.600000000000001, 0.0, -0.0]),
-    ("long", [0, -1, 2 ** 53 + 1, -(2 ** 63), 10 ** 18]),  # a JSON integer beyond 64 bits is refused (wire.load_json)
+    ("long", [0, -1, 2 ** 53 + 1, -(2 ** 63), 2 ** 63 - 1]),
 ])
 def test_negative_large_tiny_and_whole_values_read_back_exactly_as_python_prints_them(
         client, auth, device, send, kind, values):
@@ -279,6 +279,39 @@ def test_huge_whole_values_aggregate_to_exact_integers(client, auth, device, sen
     assert body == [{"ts": "2020-07-09T10:00:01.000Z", "max_ts": 1594288802000, "value": 2 ** 62}]
 
 
+@pytest.mark.parametrize("kind, value", [("long", 1e308), ("long", 2 ** 63), ("int", -(2 ** 63) - 1), ("long", 10 ** 20)])
+def test_a_whole_reading_beyond_signed_64_bits_is_refused_at_ingest_naming_the_value(app, device, kind, value):
+    reading = voltage("2020-07-09T10:00:01Z", value, "counter", kind)
+    with pytest.raises(wire.ValidationError) as refused:
+        wire.check_reading(reading)
+    assert "signed 64-bit" in refused.value.messages["value"][0]
+    payload = json.dumps({"v": 1, "batch_id": uuid.uuid4().hex, "readings": [reading]}).encode()
+    with app.app_context():
+        assert not ingest.handle_message(wire.device_topic(device["unit_id"], "telemetry"), payload)
+        assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 0
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "avg", "max", "min"])
+def test_aggregates_of_the_largest_doubles_are_finite_or_null_with_a_note(client, auth, device, send, aggregation):
+    send([voltage("2020-07-09T10:00:01Z", 1.7e308, "big", "double"),
+          voltage("2020-07-09T10:00:02Z", 1.7e308, "big", "double")])
+    response = read(client, auth, device, field="big", field_type="double", aggregation=aggregation, interval="1h")
+    assert response.status_code == 200, response.get_json()
+    assert b"Infinity" not in response.data and b"NaN" not in response.data
+    (entry,) = response.get_json()
+    if aggregation == "sum":
+        assert entry["value"] is None and "overflow" in entry["note"] and "sum" in entry["note"]
+    else:
+        assert entry["value"] == 1.7e308 and "note" not in entry
+
+
+def test_a_sum_of_longs_beyond_signed_64_bits_is_null_with_a_note(client, auth, device, send):
+    send([voltage(f"2020-07-09T10:00:0{i}Z", 2 ** 62, "counter", "long") for i in range(1, 5)])
+    body = read(client, auth, device, field="counter", field_type="long", aggregation="sum", interval="1h").get_json()
+    assert body == [{"ts": "2020-07-09T10:00:01.000Z", "max_ts": 1594288804000, "value": None,
+                     "note": "overflow: the sum does not fit a long (a signed 64-bit integer)"}]
+
+
 def test_a_raw_read_of_more_readings_than_allowed_is_refused_naming_to_utc(client, auth, device, send, monkeypatch):
     monkeypatch.setattr(service, "MAX_RAW_READINGS", 3)
     send([voltage(f"2020-07-09T10:00:0{i}Z", float(i)) for i in range(4)])
@@ -319,3 +352,13 @@ def test_readings_stored_before_entries_were_rendered_at_ingest_get_the_same_ent
         assert db.session.execute(db.select(TelemetryReading.id, TelemetryReading.entry_json)).all() == rendered
     assert read(client, auth, device, field="track.pos.loc", field_type="geo_point").get_json() == [
         {"ts": "2020-07-09T10:00:02.500000Z", "location": {"lat": -33.8688, "lon": 151.2093}}]
+
+
+def test_only_the_bucket_that_overflows_is_null(client, auth, device, send):
+    send([voltage("2020-07-09T10:00:01Z", 1.7e308, "big", "double"),
+          voltage("2020-07-09T10:00:02Z", 1.7e308, "big", "double"),
+          voltage("2020-07-09T10:20:01Z", 1.5, "big", "double"),
+          voltage("2020-07-09T10:20:02Z", 2.5, "big", "double")])
+    body = read(client, auth, device, field="big", field_type="double", aggregation="sum", interval="10m").get_json()
+    assert [entry["value"] for entry in body] == [None, 4.0]
+    assert body[0]["note"] == "overflow: the sum does not fit a double (a finite double)" and "note" not in body[1]

@@ -65,5 +65,7 @@ class LogbookEntrySchema(StrictSchema):
 
     ts = fields.String(metadata={"description": "ISO 8601 UTC; for a bucket, its first reading."})
     max_ts = fields.Integer(metadata={"description": "Aggregated only: the bucket's last reading, epoch ms."})
-    value = fields.Float()
+    value = fields.Float(allow_none=True, metadata={
+        "description": "Aggregated: null when the result does not fit the field's type (then `note` says why)."})
+    note = fields.String(metadata={"description": "Aggregated only, with a null value: why it is null (overflow)."})
     location = fields.Nested(LocationSchema)

@@ -1,10 +1,13 @@
 """Storing telemetry batches and reading series back, raw or aggregated in the database."""
 import json
 import logging
+import math
 from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import lru_cache
 
-from sqlalchemy import func, insert, text
+from sqlalchemy import Numeric, cast, func, insert, text
+from sqlalchemy.exc import DBAPIError
 
 from fleet_device.wire import GEO_POINT, INTEGER_TYPES
 
@@ -20,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_RAW_READINGS = 100_000
 _EPOCH = datetime(1970, 1, 1)
 _AGGREGATES = {"avg": func.avg, "min": func.min, "max": func.max, "sum": func.sum}
+NUMERIC_OUT_OF_RANGE = "22003"  # PostgreSQL's SQLSTATE for a double that overflows
 
 
 def record_telemetry(device, batch: dict) -> bool:
@@ -167,13 +171,31 @@ def _raw_json(args: dict, start: int, end: int) -> tuple[bool, str]:
 
 
 def _aggregated(series, start: int, args: dict) -> list[dict]:
+    try:
+        rows = _aggregate_rows(series, start, args, exact=False)
+    except DBAPIError as exc:
+        # PostgreSQL refuses a double sum or average that overflows (SQLite answers Infinity):
+        # read again summing in numeric, which has no such limit, and let _entry say null.
+        if getattr(exc.orig, "sqlstate", None) != NUMERIC_OUT_OF_RANGE:
+            raise
+        db.session.rollback()
+        rows = _aggregate_rows(series, start, args, exact=True)
+    if args["aggregation"] in ("sum", "avg"):
+        rows = [(first, last, value if _finite(value) else _exact_sum(series, first, last, args["aggregation"]))
+                for first, last, value in rows]
+    whole = args["field_type"] in INTEGER_TYPES and args["aggregation"] != "avg"
+    return [_entry(first, last, value, whole, args) for first, last, value in rows]
+
+
+def _aggregate_rows(series, start: int, args: dict, exact: bool):
     reading = TelemetryReading.__table__.c
     width = interval_microseconds(args["interval"])
+    value = cast(reading.value, Numeric) if exact else reading.value
     # Buckets count from from_utc. The bucket number is computed in a subquery so the outer
     # GROUP BY names a column: PostgreSQL does not match two copies of an expression that
     # carries bound parameters.
     inner = (
-        db.select(((reading.ts_us - start) // width).label("bucket"), reading.ts_us, reading.value)
+        db.select(((reading.ts_us - start) // width).label("bucket"), reading.ts_us, value.label("value"))
         .where(*series)
         .subquery()
     )
@@ -182,8 +204,35 @@ def _aggregated(series, start: int, args: dict) -> list[dict]:
         .group_by(inner.c.bucket)
         .order_by(inner.c.bucket)
     )
-    whole = args["field_type"] in INTEGER_TYPES and args["aggregation"] != "avg"
-    return [
-        {"ts": _iso(first, "milliseconds"), "max_ts": last // 1000, "value": int(value) if whole else float(value)}
-        for first, last, value in db.session.connection().execute(statement)
-    ]
+    return db.session.connection().execute(statement).all()
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _exact_sum(series, first: int, last: int, aggregation: str) -> Decimal:
+    """SQLite sums in doubles, overflowing to Infinity: one bucket's readings (first to last) summed exactly.
+
+    Only after an overflow, which honest readings do not reach; _entry then says whether the
+    exact result fits.
+    """
+    reading = TelemetryReading.__table__.c
+    statement = db.select(reading.value).where(*series, reading.ts_us >= first, reading.ts_us <= last)
+    values = [Decimal(value) for value, in db.session.connection().execute(statement)]
+    total = sum(values, Decimal(0))
+    return total / len(values) if aggregation == "avg" and values else total
+
+
+def _entry(first: int, last: int, value, whole: bool, args: dict) -> dict:
+    """One bucket `{ts, max_ts, value}`; a value its type cannot hold is null, with a note saying why."""
+    entry = {"ts": _iso(first, "milliseconds"), "max_ts": last // 1000}
+    value = None if value is None else float(value)
+    # Inclusive of 2**63: the column is a double, where the largest long reading is stored as 2**63.
+    if value is None or not math.isfinite(value) or (whole and not -2.0 ** 63 <= value <= 2.0 ** 63):
+        entry["value"] = None
+        entry["note"] = (f"overflow: the {args['aggregation']} does not fit a {args['field_type']}"
+                         f" ({'a signed 64-bit integer' if whole else 'a finite double'})")
+        return entry
+    entry["value"] = int(value) if whole else value
+    return entry

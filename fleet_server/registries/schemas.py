@@ -1,25 +1,10 @@
 """Registry payloads. The password is write-only: it is loaded, never dumped."""
-from urllib.parse import urlsplit
+from marshmallow import fields, validate
 
-from marshmallow import ValidationError, fields, validate
+from fleet_device.wire import check_registry_url
 
 from ..pagination import page_schema
 from ..schemas import StrictSchema
-
-
-def _check_url(value: str):
-    try:
-        parts = urlsplit(value if "://" in value else f"//{value}")
-    except ValueError as exc:  # e.g. an unbalanced "[" of an IPv6 address
-        raise ValidationError(f"not a URL: {exc}") from None
-    if parts.scheme not in ("", "http", "https") or not parts.hostname:
-        raise ValidationError("expected HOST[:PORT] or http(s)://HOST[:PORT][/PATH]")
-    try:
-        parts.port
-    except ValueError:
-        raise ValidationError("the port is not a number") from None
-    if any(c.isspace() for c in value):
-        raise ValidationError("must not contain spaces")
 
 
 class RegistrySchema(StrictSchema):
@@ -27,8 +12,10 @@ class RegistrySchema(StrictSchema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200), metadata={"example": "private"})
     url = fields.String(
         required=True,
-        validate=[validate.Length(min=1, max=500), _check_url],
-        metadata={"example": "registry.example.com:5000"},
+        validate=[validate.Length(min=1, max=500), check_registry_url],
+        metadata={"example": "registry.example.com:5000",
+                  "description": "`[http(s)://]host[:port]`, as the agent accepts it: no credentials "
+                                 "(use username and password), path, query or fragment."},
     )
     username = fields.String(load_default="", validate=validate.Length(max=200), metadata={"example": "deploy"})
     password = fields.String(
