@@ -96,19 +96,30 @@ def test_an_unknown_deployment_state_and_unknown_fields_are_recorded_as_the_agen
 
 def _subscribes(broker, username, password, topic) -> bool:
     """Whether the broker grants this account a subscription to `topic`."""
+    return _as_device(broker, username, password, lambda client: client.subscribe(topic, qos=1), "suback")
+
+
+def _publishes(broker, username, password, topic) -> bool:
+    """Whether the broker accepts this account's QoS 1 publication on `topic`."""
+    return _as_device(broker, username, password, lambda client: client.publish(topic, b'{"v": 1, "seq": 0}', qos=1),
+                      "puback")
+
+
+def _as_device(broker, username, password, act, answer) -> bool:
     answers = {}
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=broker_accounts.device_client_id(username),
                          protocol=mqtt.MQTTv5)
     client.username_pw_set(username, password)
     client.on_connect = lambda c, u, flags, rc, p: answers.setdefault("connack", rc)
     client.on_subscribe = lambda c, u, mid, codes, p: answers.setdefault("suback", codes)
+    client.on_publish = lambda c, u, mid, code, p: answers.setdefault("puback", [code])
     client.connect(broker.host, broker.port, keepalive=10)
     client.loop_start()
     try:
         eventually(lambda: "connack" in answers, 10, 0.02, "a CONNACK")
         assert not answers["connack"].is_failure, answers["connack"]
-        client.subscribe(topic, qos=1)
-        return not eventually(lambda: answers.get("suback"), 10, 0.02, "a SUBACK")[0].is_failure
+        act(client)
+        return not eventually(lambda: answers.get(answer), 10, 0.02, f"a {answer.upper()}")[0].is_failure
     finally:
         client.disconnect()
         client.loop_stop()
@@ -144,6 +155,8 @@ def test_a_device_registered_under_older_broker_rules_gets_the_new_topics_when_t
                        message="the device's role to gain the commands topic" + stack.logs())
             assert _subscribes(secured_broker, unit_id, password, wire.release_subscription(unit_id))
             assert not _subscribes(secured_broker, unit_id, password, wire.RELEASE_SEQ_MARKER_TOPIC)
+            assert not _publishes(secured_broker, unit_id, password, wire.RELEASE_SEQ_MARKER_TOPIC)
+            assert _publishes(secured_broker, unit_id, password, wire.device_topic(unit_id, "status"))
             eventually(lambda: "broker roles up to date: 1 of 1 device role(s) changed" in stack.worker.log(), 30,
                        message="the worker to say what it changed")
             roles = broker_accounts._roles_acls(control)
