@@ -224,6 +224,8 @@ class IngestWorker:
 
         Once per worker start, in the background, retried until it succeeds.
         """
+        if not broker_accounts.accounts_enabled(self.app.config):
+            return  # the broker's accounts are not Fleet's to manage
         delay = 1.0
         while not self.stopping.is_set():
             with self.app.app_context():
