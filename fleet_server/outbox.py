@@ -169,7 +169,8 @@ def republish_everything() -> int:
     count = db.session.scalar(db.select(db.func.count()).select_from(ReleaseTopic))
     db.session.execute(db.insert(Publication).from_select(
         ["unit_id", "project_id", "created_at"],
-        db.select(ReleaseTopic.unit_id, ReleaseTopic.project_id, db.literal(utcnow(), type_=Publication.created_at.type)),
+        db.select(ReleaseTopic.unit_id, ReleaseTopic.project_id,
+                  db.literal(utcnow(), type_=Publication.created_at.type)),
     ))
     return count
 

@@ -107,6 +107,7 @@ class IngestWorker:
         # and the release seq marker this worker last wrote or found there.
         self.verified_connection = 0
         self.marker_written = 0
+        self.marker_check_failed_on = 0  # the connection on which a failed check was last logged
         # A stable client id per worker keeps its session (and the reports queued in it)
         # across restarts.
         self.client = make_client(app.config, self.client_id, persistent=True, manual_ack=True)
@@ -201,7 +202,7 @@ class IngestWorker:
             self.heartbeat_file.touch()
 
     def _check_broker_state(self):
-        """Once per connection: did the broker lose retained releases (a crash, a restore)? If so, publish them all again."""
+        """Once per connection: did the broker lose retained releases (a crash, a restore)? If so, publish them again."""
         connection = self.connection
         if connection == self.verified_connection or not self.client.is_connected():
             return
@@ -209,7 +210,9 @@ class IngestWorker:
             self.marker_written = outbox.reconcile_with_marker(lambda: outbox.read_marker(self.app.config))
         except Exception as exc:
             # The outbox is still flushed; only the marker waits until the check succeeds.
-            log.error("could not check the broker's release seq marker (retried at the next sweep): %s", exc)
+            said, self.marker_check_failed_on = self.marker_check_failed_on == connection, connection
+            log.log(logging.DEBUG if said else logging.ERROR,
+                    "could not check the broker's release seq marker (retried at every sweep): %s", exc)
             db.session.rollback()
             return
         self.verified_connection = connection

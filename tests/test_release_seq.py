@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import time
@@ -23,8 +22,9 @@ from tests.support.stack import eventually, release_payload, running_stack
 
 
 def _doc(project_id, release_id, seq=None, version_hash="0badc0de"):
-    release = None if release_id is None else {"id": release_id, "version": str(release_id), "version_hash": version_hash,
-                                               "containers": [], "remove_containers": []}
+    release = None if release_id is None else {
+        "id": release_id, "version": str(release_id), "version_hash": version_hash, "containers": [],
+        "remove_containers": []}
     body = {"project_id": project_id, "release": release, "registries": []}
     if seq is not None:
         body["seq"] = seq

@@ -113,7 +113,8 @@ def _roles_acls(control: DynSecControl, page: int = 500) -> dict[str, set]:
     """Every role on the broker with its ACLs, read a page at a time."""
     roles, offset = {}, 0
     while True:
-        data = control.run({"command": "listRoles", "verbose": True, "count": page, "offset": offset})[0].get("data", {})
+        answer = control.run({"command": "listRoles", "verbose": True, "count": page, "offset": offset})[0]
+        data = answer.get("data", {})
         for role in data.get("roles", []):
             roles[role["rolename"]] = {_acl_key(acl) for acl in role.get("acls", [])}
         offset += page
@@ -126,7 +127,7 @@ def _missing_acls(current: set, wanted: list[dict]) -> list[dict]:
 
 
 def update_roles_with(control: DynSecControl, unit_ids, batch: int = 200) -> int:
-    """Add to the server's role and to each existing device role the ACLs today's lists hold; how many device roles changed.
+    """Add to the server's role and each existing device role what today's ACL lists hold; how many device roles changed.
 
     Only adds: an ACL a role has keeps working throughout (no remove-then-add on a live role).
     A device without a role on this broker (no account made by this server) is left alone.
