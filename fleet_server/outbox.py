@@ -21,6 +21,7 @@ state, and every release topic ever published is published again.
 """
 import contextlib
 import logging
+import threading
 import time
 
 from flask import current_app
@@ -294,23 +295,27 @@ def read_marker(config, timeout: float = 10.0, grace: float = 2.0) -> int | None
     retained message right after the subscription's acknowledgement; `grace` bounds how long
     its absence is awaited.
     """
-    import threading
-
     from .mqtt import make_client, process_client_id
 
-    found, subscribed, answered = [], threading.Event(), threading.Event()
+    found, refused, subscribed, answered = [], [], threading.Event(), threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            client.subscribe(wire.RELEASE_SEQ_MARKER_TOPIC, qos=1)
+        answered.set()
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties):
+        refused.extend(code for code in reason_codes if code.is_failure)
+        subscribed.set()
+
     client = make_client(config, process_client_id("marker"))
-    client.on_connect = lambda c, u, flags, rc, p: answered.set() if rc.is_failure else (
-        answered.set(), c.subscribe(wire.RELEASE_SEQ_MARKER_TOPIC, qos=1))
-    refused = []
-    client.on_subscribe = lambda c, u, mid, codes, p: (
-        refused.extend(code for code in codes if code.is_failure), subscribed.set())
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
     client.on_message = lambda c, u, message: found.append(message.payload)
     target = client.user_data_get()
     try:
         client.connect(target["host"], target["port"], keepalive=30)
         client.loop_start()
-        if not answered.wait(timeout) or not subscribed.wait(timeout) or not client.is_connected():
+        if not answered.wait(timeout) or not client.is_connected() or not subscribed.wait(timeout):
             raise BrokerUnavailable(f"could not read {wire.RELEASE_SEQ_MARKER_TOPIC} from the broker")
         if refused:
             raise BrokerUnavailable(f"the broker refused a subscription to {wire.RELEASE_SEQ_MARKER_TOPIC}: {refused}")
