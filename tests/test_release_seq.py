@@ -382,3 +382,20 @@ def test_a_broker_killed_inside_its_autosave_interval_never_rolls_a_device_back(
         assert stack.get(f"/dongle/devices/{device['id']}/").json()["docker_releases"] == [third["id"]]
         since_the_crash = agent.process.log()[offset:].splitlines()
         assert not [line for line in since_the_crash if f"release={first['id']} " in line and "state=" in line]
+
+
+def test_the_marker_is_read_from_the_broker_missing_present_or_malformed(snapshot_broker):
+    from fleet_server import outbox
+
+    config = {"FLEET_MQTT_URL": snapshot_broker.url}
+    assert outbox.read_marker(config, grace=0.5) is None
+    client, _ = connect_mqtt(LOOPBACK, snapshot_broker.port)
+    try:
+        client.publish(wire.RELEASE_SEQ_MARKER_TOPIC, outbox.marker_payload(41), qos=1, retain=True).wait_for_publish(5)
+        assert outbox.read_marker(config) == 41
+        client.publish(wire.RELEASE_SEQ_MARKER_TOPIC, b'{"v": 1, "seq": "many"}', qos=1, retain=True).wait_for_publish(5)
+        assert outbox.read_marker(config, grace=0.5) is None  # taken as missing: everything is published again
+    finally:
+        close_mqtt(client)
+    with pytest.raises(outbox.BrokerUnavailable):
+        outbox.read_marker({"FLEET_MQTT_URL": f"mqtt://{LOOPBACK}:{free_port()}"}, timeout=1)
