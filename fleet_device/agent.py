@@ -96,6 +96,7 @@ class Agent:
         self.reconnect_attempts = 0
         # Topic kind → handler(where, message). Each feature adds its own entry.
         self.handlers = {"releases": self._handle_release}
+        self.stale_logged: set[tuple[int, int]] = set()  # older release documents already logged as ignored
         self.subscriptions = [wire.release_subscription(self.unit_id)]
         # Remote commands: run at most once each, off this thread, results kept until acknowledged.
         self.recent_logs = logbuffer.install()
@@ -222,6 +223,8 @@ class Agent:
     def _receive_release(self, project_id: int, message: dict):
         if message["project_id"] != project_id:
             raise wire.WireError(f"payload names project {message['project_id']} on project {project_id}'s topic")
+        if not self._release_is_current(message):
+            return
         if message["registries"]:
             # Kept for the login at the next start-up, whatever becomes of this release.
             self.registries.remember(message["registries"])
@@ -232,6 +235,17 @@ class Agent:
         elif message["release"] is not None and self.queue.queued(project_id) is None:
             # Redelivered after a reconnect: say again that it runs, in case that report was lost.
             self.report(message, "succeeded", "verify", "already running")
+
+    def _release_is_current(self, message: dict) -> bool:
+        """False for a document older than one already seen for its project (a lower seq): ignored."""
+        project_id, seq = message["project_id"], message.get("seq")
+        if self.queue.accept_seq(project_id, seq):
+            return True
+        if (project_id, seq) not in self.stale_logged:  # a broker replays it at every reconnection
+            self.stale_logged.add((project_id, seq))
+            log.warning("ignored an older release document project=%s seq=%s highest=%s release=%s",
+                        project_id, seq, self.queue.highest_seq(project_id), (message["release"] or {}).get("id"))
+        return False
 
     # --- applying ---------------------------------------------------------------
 

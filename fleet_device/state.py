@@ -80,7 +80,8 @@ def read_json(path: Path):
 class ReleaseQueue:
     """Per project: the release message waiting to be applied, and the release last applied.
 
-    Layout: `<state_dir>/projects/<project_id>/queued.json` and `applied.json`.
+    Layout: `<state_dir>/projects/<project_id>/queued.json` and `applied.json`, and `seq.json`:
+    the highest release seq accepted for the project.
     """
 
     def __init__(self, state_dir: Path):
@@ -131,6 +132,29 @@ class ReleaseQueue:
                     write_atomically(applied, json.dumps(message["release"]).encode())
             if self.queued(project_id) == message:
                 self._path(project_id, "queued.json").unlink(missing_ok=True)
+
+    def highest_seq(self, project_id: int) -> int | None:
+        """The highest release `seq` accepted for the project, None before the first document carrying one."""
+        stored = read_json(self._path(project_id, "seq.json"))
+        seq = stored.get("seq") if isinstance(stored, dict) else None
+        return seq if isinstance(seq, int) else None
+
+    def accept_seq(self, project_id: int, seq: int | None) -> bool:
+        """Whether a release document with this seq may be handled; records a higher one first (atomically).
+
+        Lower than the highest seen: an older document (a broker restored from an old snapshot),
+        refused. Equal: the same document again, handled as before (queueing it is idempotent).
+        None: from a server older than seq, accepted as always.
+        """
+        if seq is None:
+            return True
+        with self._lock:
+            highest = self.highest_seq(project_id)
+            if highest is not None and seq < highest:
+                return False
+            if highest is None or seq > highest:
+                write_atomically(self._path(project_id, "seq.json"), json.dumps({"seq": seq}).encode())
+            return True
 
     def applied_releases(self) -> dict[int, dict]:
         result = {}

@@ -2,6 +2,10 @@
 
 Topic names, payload schemas and the protocol version are defined here once and
 imported by both sides, so the two cannot drift apart.
+
+The wire grows without breaking (docs/architecture.md, "Evolving the wire"): every schema
+here ignores fields it does not know, and a change to the protocol only adds optional
+fields, so an older agent and a newer server (or the reverse) keep understanding each other.
 """
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "fleet/v1/devices"
+# Retained, written and read by the server's workers only: the highest release seq published.
+RELEASE_SEQ_MARKER_TOPIC = "fleet/v1/server/release-seq"
 SHARED_GROUP = "fleet-server"
 
 # Largest payload either side accepts; anything bigger is dropped unparsed.
@@ -32,6 +38,10 @@ DEPLOYMENT_STATES = (
     "rolled_back",
 )
 FINAL_DEPLOYMENT_STATES = ("succeeded", "failed", "rolled_back")
+# Deployment states only the server writes; no device may report them.
+SERVER_DEPLOYMENT_STATES = ("pending", "superseded")
+# What a state a newer agent reports looks like: recorded as sent, though this side does not know it.
+_STATE_WORD = re.compile(r"^[a-z][a-z_]{0,19}$")
 
 
 class WireError(ValueError):
@@ -286,7 +296,7 @@ class _Message(Schema):
 
 class StartupParametersSchema(Schema):
     class Meta:
-        unknown = RAISE
+        unknown = EXCLUDE
 
     environment = fields.String(load_default="")
     binds = fields.List(fields.String(validate=check_bind), load_default=list)
@@ -334,8 +344,12 @@ class ReleaseMessageSchema(_Message):
     """server → device, retained: the device's active release of one project.
 
     `release` is null in a tombstone: the project has nothing on this device any more.
+    `seq` grows with every publication on any release topic (one database sequence): a device
+    ignores a document with a lower seq than it has seen for the project. Optional: a server
+    older than the field sends none, and such a document is accepted as it always was.
     """
 
+    seq = fields.Integer(load_default=None, allow_none=True, strict=True, validate=validate.Range(min=1))
     project_id = fields.Integer(required=True)
     release = fields.Nested(ReleaseSpecSchema, required=True, allow_none=True)
     registries = fields.List(fields.Nested(RegistryCredentialsSchema), load_default=list)
@@ -347,10 +361,25 @@ class DeploymentReportSchema(_Message):
     project_id = fields.Integer(required=True)
     release_id = fields.Integer(required=True)
     version_hash = fields.String(load_default=None, allow_none=True)
-    state = fields.String(required=True, validate=validate.OneOf(DEPLOYMENT_STATES))
+    # A state this side does not know (a newer agent's) is recorded as sent: see check_deployment_state.
+    state = fields.String(required=True, validate=lambda state: check_deployment_state(state))
     step = fields.String(load_default=None, allow_none=True)
     detail = fields.String(load_default="", validate=validate.Length(max=4000))
     ts = fields.Float(required=True)
+
+
+def check_deployment_state(state: str) -> None:
+    """A known state, or a word a newer agent may use (lowercase, at most 20 characters); never the server's own."""
+    if state in SERVER_DEPLOYMENT_STATES:
+        raise ValidationError(f"{state!r} is a state only the server records")
+    if state not in DEPLOYMENT_STATES and not _STATE_WORD.match(state):
+        raise ValidationError(f"{state!r} is not a deployment state (lowercase letters and _, at most 20)")
+
+
+class ReleaseSeqMarkerSchema(_Message):
+    """server → server, retained on RELEASE_SEQ_MARKER_TOPIC: the highest release seq the broker acknowledged."""
+
+    seq = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
 
 
 class StatusSchema(_Message):
@@ -408,6 +437,7 @@ def decode(schema: Schema, payload: bytes) -> dict:
 
 
 release_message = ReleaseMessageSchema()
+release_seq_marker = ReleaseSeqMarkerSchema()
 deployment_report = DeploymentReportSchema()
 status_message = StatusSchema()
 
@@ -427,8 +457,11 @@ _MAX_TS = 32503680000.0  # year 3000: a bigger timestamp is a unit mistake (ms o
 _READING_KEYS = frozenset(("field", "type", "ts", "value"))
 
 
-def check_reading(item) -> dict:
+def check_reading(item, ignore_unknown: bool = False) -> dict:
     """One reading `{field, type, ts, value}` checked and normalised, or ValidationError naming each bad key.
+
+    Keys it does not know are an error unless `ignore_unknown` (as on the wire, where a newer
+    agent may send more).
 
     `value` is a finite number (a whole one within signed 64 bits for int/long), or `{lat, lon}` for geo_point;
     `ts` is epoch seconds (UTC) with microsecond resolution. Written by hand rather than as a
@@ -438,7 +471,7 @@ def check_reading(item) -> dict:
     if not isinstance(item, dict):
         raise ValidationError("a reading is an object {field, type, ts, value}")
     errors = {}
-    for key in item.keys() - _READING_KEYS:
+    for key in () if ignore_unknown else item.keys() - _READING_KEYS:
         errors[key] = ["Unknown field."]
     for key in _READING_KEYS - item.keys():
         errors[key] = ["Missing data for required field."]
@@ -494,7 +527,7 @@ class ReadingList(fields.Field):
         readings, errors = [], {}
         for position, item in enumerate(value):
             try:
-                readings.append(check_reading(item))
+                readings.append(check_reading(item, ignore_unknown=True))
             except ValidationError as exc:
                 errors[position] = exc.messages
                 if len(errors) >= 10:

@@ -121,6 +121,39 @@ def devices_create(name, unit_id, if_missing):
     click.echo(f"{device.id} {device.unit_id}")
 
 
+@main.group()
+def releases():
+    """Maintenance of the release documents devices receive."""
+
+
+@releases.command("bump-seq")
+@click.option("--to", "floor", type=click.IntRange(min=0), default=0,
+              help="Move the sequence to at least this value (the highest seq known to be issued before).")
+@click.option("--skip-broker", is_flag=True, help="Do not read the broker's release seq marker.")
+@with_appcontext
+def releases_bump_seq(floor, skip_broker):
+    """After restoring the database: move the release seq past anything issued before, and republish.
+
+    The sequence moves to the highest of --to, the broker's retained marker and the current time
+    in milliseconds; every release topic ever published is then queued again, so devices get the
+    restored state with seqs above anything they have seen. Prints the seq the sequence stands at.
+    """
+    from . import outbox
+    from .extensions import db
+
+    marker = None
+    if not skip_broker:
+        try:
+            marker = outbox.read_marker(current_app.config)
+        except outbox.BrokerUnavailable as exc:
+            raise click.ClickException(f"{exc}; run again when the broker is up, or pass --skip-broker") from None
+    outbox.lock_outbox()
+    seq = outbox.move_seq_past(max(floor, marker or 0, outbox.seq_floor_now()))
+    count = outbox.republish_everything()
+    db.session.commit()
+    click.echo(f"release seq at {seq}; {count} release topic(s) queued for the worker to publish again")
+
+
 @main.group("provisioning-tokens")
 def provisioning_tokens():
     """One-time tokens that let a device register itself (`fleet-device register`)."""

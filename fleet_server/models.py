@@ -182,6 +182,29 @@ class DeadLetter(db.Model):
     payload_size: Mapped[int] = mapped_column()
 
 
+class ReleaseSeqState(db.Model):
+    """The release sequence's marks, in one row (id 1): what a release document's `seq` is taken from.
+
+    `issued` is the counter itself on SQLite; PostgreSQL issues from the `release_seq` SEQUENCE,
+    which no rollback takes back. `published` is the highest seq the broker acknowledged on a
+    release topic: the broker's retained marker must reach it, or the broker lost state.
+    """
+
+    __tablename__ = "release_seq_state"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    issued: Mapped[int] = mapped_column(db.BigInteger, default=0)
+    published: Mapped[int] = mapped_column(db.BigInteger, default=0)
+
+
+class ReleaseTopic(db.Model):
+    """A device's release topic of one project that was ever published: what a broker that lost
+    its retained messages must be given again (devices and projects deleted since included)."""
+
+    unit_id: Mapped[str] = mapped_column(db.String(36), primary_key=True)
+    project_id: Mapped[int] = mapped_column(primary_key=True)
+
+
 # Models of other features, imported here so Alembic and the app see them.
 from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
 from .worker_sessions import IngestSession  # noqa: E402,F401  (ingest workers' broker sessions)

@@ -19,11 +19,12 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from fleet_device import wire
 
-from . import ingest, outbox, worker_sessions
+from . import broker_accounts, ingest, outbox, worker_sessions
 from .commands import service as commands
 from .config import mqtt_endpoint
 from .deadletters import service as deadletters
 from .extensions import db
+from .models import Device
 from .mqtt import connect, make_client, publish_and_wait, publish_many
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,11 @@ class IngestWorker:
         # old id could acknowledge a different, unstored message.
         self.connection = 0
         self.drains: dict[str, threading.Thread] = {}
+        # The connection whose broker was found holding every release published (see _check_broker_state),
+        # and the release seq marker this worker last wrote or found there.
+        self.verified_connection = 0
+        self.marker_written = 0
+        self.marker_check_failed_on = 0  # the connection on which a failed check was last logged
         # A stable client id per worker keeps its session (and the reports queued in it)
         # across restarts.
         self.client = make_client(app.config, self.client_id, persistent=True, manual_ack=True)
@@ -210,7 +216,9 @@ class IngestWorker:
             try:
                 worker_sessions.heartbeat(self.client_id, self.worker_id)
                 self._adopt_orphans()
+                self._check_broker_state()
                 outbox.flush(lambda messages: publish_many(self.client, messages, retain=True))
+                self._write_marker()
             except Exception:
                 log.exception("outbox sweep failed")
                 db.session.rollback()
@@ -226,6 +234,50 @@ class IngestWorker:
                 db.session.remove()
         if self.heartbeat_file is not None:
             self.heartbeat_file.touch()
+
+    def _check_broker_state(self):
+        """Once per connection: did the broker lose retained releases (a crash, a restore)? If so, publish them again."""
+        connection = self.connection
+        if connection == self.verified_connection or not self.client.is_connected():
+            return
+        try:
+            self.marker_written = outbox.reconcile_with_marker(lambda: outbox.read_marker(self.app.config))
+        except Exception as exc:
+            # The outbox is still flushed; only the marker waits until the check succeeds.
+            said, self.marker_check_failed_on = self.marker_check_failed_on == connection, connection
+            log.log(logging.DEBUG if said else logging.ERROR,
+                    "could not check the broker's release seq marker (retried at every sweep): %s", exc)
+            db.session.rollback()
+            return
+        self.verified_connection = connection
+
+    def _write_marker(self):
+        if self.verified_connection == self.connection:
+            self.marker_written = outbox.publish_marker(
+                lambda messages: publish_many(self.client, messages, retain=True), self.marker_written)
+
+    def _update_broker_roles(self):
+        """Bring the broker's roles up to today's topics, devices registered under older rules included.
+
+        Once per worker start, in the background, retried until it succeeds.
+        """
+        if not broker_accounts.accounts_enabled(self.app.config):
+            return  # the broker's accounts are not Fleet's to manage
+        delay = 1.0
+        while not self.stopping.is_set():
+            with self.app.app_context():
+                try:
+                    unit_ids = db.session.scalars(db.select(Device.unit_id)).all()
+                    changed = broker_accounts.update_roles(unit_ids)
+                    if changed is not None:
+                        log.info("broker roles up to date: %d of %d device role(s) changed", changed, len(unit_ids))
+                    return
+                except Exception as exc:
+                    log.error("could not bring the broker's roles up to date (retried in %.0f s): %s", delay, exc)
+                finally:
+                    db.session.remove()
+            self.stopping.wait(delay)
+            delay = min(60.0, delay * 2)
 
     def _adopt_orphans(self):
         for client_id, drain in list(self.drains.items()):
@@ -245,6 +297,7 @@ class IngestWorker:
             worker_sessions.heartbeat(self.client_id, self.worker_id)
             db.session.remove()
         connect(self.client, session_expiry=SESSION_EXPIRY)
+        threading.Thread(target=self._update_broker_roles, name="broker-roles", daemon=True).start()
 
     def close(self):
         # The session stays on the broker: a restarted worker of the same id resumes it,

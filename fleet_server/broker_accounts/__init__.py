@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BrokerAccountError", "CommandFailed", "DynSecControl", "accounts_enabled", "device_client_id",
     "device_role_acls", "ensure_server_account", "issue_device_credentials", "prepare_device_role",
-    "remove_device_account", "server_role_acls",
+    "remove_device_account", "server_role_acls", "update_roles",
 ]
 
 SERVER_ROLE = "fleet-server"
+# The one place a device topic is added: the device's and the server's roles are built from
+# these, and every worker start brings existing roles up to date (`update_roles`), so devices
+# registered under older rules follow.
 DEVICE_KINDS_IN = ("releases/#", "commands")
 DEVICE_KINDS_OUT = ("results", "deployments", "telemetry", "status")
 
@@ -56,14 +59,16 @@ def device_role_acls(unit_id: str) -> list[dict]:
 
 
 def server_role_acls() -> list[dict]:
-    """Publish to every device's releases and commands; subscribe to what devices report."""
+    """Publish what devices receive; subscribe to what devices report; keep the release seq marker."""
     devices = f"{wire.TOPIC_ROOT}/+"
     return [
-        _acl("publishClientSend", f"{devices}/releases/+"),
-        _acl("publishClientSend", f"{devices}/commands"),
+        *(_acl("publishClientSend", f"{devices}/{kind}") for kind in DEVICE_KINDS_IN),
         *(_acl("subscribePattern", f"{devices}/{kind}") for kind in DEVICE_KINDS_OUT),
         # Mosquitto 2.0 checks a shared subscription's whole filter, $share/<group>/ included.
         *(_acl("subscribePattern", f"$share/+/{devices}/{kind}") for kind in DEVICE_KINDS_OUT),
+        # Outside the devices' tree: no device role reaches it.
+        _acl("publishClientSend", wire.RELEASE_SEQ_MARKER_TOPIC),
+        _acl("subscribePattern", wire.RELEASE_SEQ_MARKER_TOPIC),
     ]
 
 
@@ -98,6 +103,54 @@ def _ensure_role(control: DynSecControl, rolename: str, acls: list[dict]) -> Non
     control.run(*({"command": "removeRoleACL", "rolename": rolename, "acltype": acl["acltype"], "topic": acl["topic"]}
                   for acl in acls), ignore=("",))
     control.run(*({"command": "addRoleACL", "rolename": rolename, **acl} for acl in acls))
+
+
+def _acl_key(acl: dict) -> tuple:
+    return acl["acltype"], acl["topic"], bool(acl.get("allow", True))
+
+
+def _roles_acls(control: DynSecControl, page: int = 500) -> dict[str, set]:
+    """Every role on the broker with its ACLs, read a page at a time."""
+    roles, offset = {}, 0
+    while True:
+        answer = control.run({"command": "listRoles", "verbose": True, "count": page, "offset": offset})[0]
+        data = answer.get("data", {})
+        for role in data.get("roles", []):
+            roles[role["rolename"]] = {_acl_key(acl) for acl in role.get("acls", [])}
+        offset += page
+        if offset >= data.get("totalCount", 0):
+            return roles
+
+
+def _missing_acls(current: set, wanted: list[dict]) -> list[dict]:
+    return [acl for acl in wanted if _acl_key(acl) not in current]
+
+
+def update_roles_with(control: DynSecControl, unit_ids, batch: int = 200) -> int:
+    """Add to the server's role and each existing device role what today's ACL lists hold; how many device roles changed.
+
+    Only adds: an ACL a role has keeps working throughout (no remove-then-add on a live role).
+    A device without a role on this broker (no account made by this server) is left alone.
+    Idempotent: a role already up to date costs nothing but its share of one listing.
+    """
+    roles = _roles_acls(control)
+    if SERVER_ROLE in roles:
+        missing = _missing_acls(roles[SERVER_ROLE], server_role_acls())
+        if missing:
+            control.run(*({"command": "addRoleACL", "rolename": SERVER_ROLE, **acl} for acl in missing))
+            log.info("server role: added %d ACL(s)", len(missing))
+    commands, changed = [], 0
+    for unit_id in unit_ids:
+        rolename = device_role(unit_id)
+        if rolename not in roles:
+            continue
+        missing = _missing_acls(roles[rolename], device_role_acls(unit_id))
+        if missing:
+            changed += 1
+            commands += [{"command": "addRoleACL", "rolename": rolename, **acl} for acl in missing]
+    for start in range(0, len(commands), batch):
+        control.run(*commands[start:start + batch])
+    return changed
 
 
 # --- the app's control connection ----------------------------------------------
@@ -142,6 +195,14 @@ def issue_device_credentials(unit_id: str) -> tuple[str, str] | None:
     _create_or_update_client(control, username, password, device_role(unit_id), device_client_id(unit_id))
     log.info("issued broker credentials unit_id=%s", unit_id)
     return username, password
+
+
+def update_roles(unit_ids) -> int | None:
+    """Bring the server's and these devices' roles up to today's ACL lists (see update_roles_with); None when off."""
+    control = _control()
+    if control is None:
+        return None
+    return update_roles_with(control, unit_ids)
 
 
 def remove_device_account(unit_id: str) -> bool:

@@ -4,7 +4,8 @@ from marshmallow import Schema, fields
 from ..pagination import page_schema
 
 STATE_HELP = ("pending (targeted, nothing reported yet), queued, started, pulling, stopping, starting, verifying, "
-              "succeeded, failed, rolled_back, or superseded (a newer release of the project replaced it)")
+              "succeeded, failed, rolled_back, or superseded (a newer release of the project replaced it); "
+              "a state a newer agent reports is shown as it sent it")
 
 
 class _Progress(Schema):
