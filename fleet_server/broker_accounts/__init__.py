@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 SERVER_ROLE = "fleet-server"
-DEVICE_KINDS_IN = ("releases/#", "commands")
+DEVICE_KINDS_IN = ("releases/#", "commands", "confirmations")
 DEVICE_KINDS_OUT = ("results", "deployments", "telemetry", "status")
 
 
@@ -45,7 +45,7 @@ def _acl(acltype: str, topic: str) -> dict:
 
 
 def device_role_acls(unit_id: str) -> list[dict]:
-    """Subscribe to its releases and commands; publish its results, deployments, telemetry, status.
+    """Subscribe to its releases, commands and confirmations; publish its results, deployments, telemetry, status.
 
     Everything else falls to the store's defaults: publishing and subscribing denied.
     """
@@ -56,11 +56,12 @@ def device_role_acls(unit_id: str) -> list[dict]:
 
 
 def server_role_acls() -> list[dict]:
-    """Publish to every device's releases and commands; subscribe to what devices report."""
+    """Publish to every device's releases, commands and confirmations; subscribe to what devices report."""
     devices = f"{wire.TOPIC_ROOT}/+"
     return [
         _acl("publishClientSend", f"{devices}/releases/+"),
         _acl("publishClientSend", f"{devices}/commands"),
+        _acl("publishClientSend", f"{devices}/confirmations"),
         *(_acl("subscribePattern", f"{devices}/{kind}") for kind in DEVICE_KINDS_OUT),
         # Mosquitto 2.0 checks a shared subscription's whole filter, $share/<group>/ included.
         *(_acl("subscribePattern", f"$share/+/{devices}/{kind}") for kind in DEVICE_KINDS_OUT),
