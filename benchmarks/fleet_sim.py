@@ -33,9 +33,11 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Broker, Server, machine, percentile, print_figures, wait_for, workdir  # noqa: E402
@@ -61,10 +63,38 @@ class NoEngine:
     report = None
 
 
-def _agent(unit_id: str, port: int, state_root: Path, **config) -> Agent:
+class SimulatedDeploy:
+    """Stands in for the Deployer where a scenario applies releases: reports each step after a
+    pause, as a deploy would, and starts nothing. Reports, their ids, keeping and resending are
+    the agent's own (fleet_device.pending_reports)."""
+
+    report = None
+    journal = SimpleNamespace(load=lambda project_id: None)  # no deploy was ever interrupted
+
+    def __init__(self, pause: float = 0.3):
+        self.pause = pause
+
+    def apply(self, project_id, release, registries, previous=None, needed_elsewhere=frozenset(), context=None):
+        for step in ("pulling", "starting", "verifying"):
+            time.sleep(self.pause)
+            self.report(step, step)
+        time.sleep(self.pause)
+        return ["simulated"]
+
+    def recover(self):
+        return []
+
+    def login_all(self, registries):
+        return {}
+
+    def forget(self, project_id):
+        pass
+
+
+def _agent(unit_id: str, port: int, state_root: Path, deployer=None, **config) -> Agent:
     settings = AgentConfig(unit_id=unit_id, broker_port=port, state_dir=state_root / unit_id,
                            minion_id_file=None, **config)
-    return Agent(settings, deployer=NoEngine())
+    return Agent(settings, deployer=deployer or NoEngine())
 
 
 def _connect_properties(agent: Agent) -> Properties:
@@ -162,12 +192,14 @@ def _selector_devices(unit_ids, port, state_root, conn):
                 del expected[project_id]
 
 
-def _threaded_devices(unit_ids, port, state_root, conn, backoff):
+def _threaded_devices(unit_ids, port, state_root, conn, backoff, agent_options):
     """Agents as the real one runs: Agent.start(), paho's network thread reconnecting on its own."""
     logging.basicConfig(level=logging.ERROR)
-    agents = [_agent(unit_id, port, state_root) for unit_id in unit_ids]
+    agents = [_agent(unit_id, port, state_root, deployer=SimulatedDeploy(), **agent_options) for unit_id in unit_ids]
     connects: dict[str, list[float]] = {}
+    last_deployment_report: dict[str, dict] = {}
     for agent in agents:
+        _record_deployment_reports(agent, last_deployment_report)
         if backoff == "paho":
             # The baseline: the agent's reconnection policy before jitter (paho's doubling from 1-2 s).
             agent._jitter_next_reconnect = lambda: None
@@ -189,6 +221,17 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff):
             conn.send(len(connects))
         elif command == "connects":
             conn.send(connects)
+        elif command == "deploy":
+            # Each device applies its queued release at a moment of its own within `spread` seconds.
+            (spread,) = args
+            for agent in agents:
+                threading.Timer(random.uniform(0, spread), agent.apply_queued).start()
+            conn.send(len(agents))
+        elif command == "deployment_reports":
+            conn.send(dict(last_deployment_report))
+        elif command == "unconfirmed":
+            conn.send({"pending": sum(len(agent.pending_reports) for agent in agents),
+                       "resent": sum(agent.pending_reports.resent for agent in agents)})
         elif command == "stop":
             for agent in agents:
                 agent.stopping.set()
@@ -198,10 +241,26 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff):
             return
 
 
-class Fleet:
-    """N simulated devices split over a few processes."""
+def _record_deployment_reports(agent: Agent, last: dict):
+    """Keep the last deployment report each device sent, to compare with what the server stored."""
+    send = agent.pending_reports.send
 
-    def __init__(self, unit_ids, port, processes, mode="selector", backoff="agent"):
+    def recording_send(kind, body, **options):
+        result = send(kind, body, **options)
+        if kind == "deployments":
+            last[agent.unit_id] = body
+        return result
+
+    agent.pending_reports.send = recording_send
+
+
+class Fleet:
+    """N simulated devices split over a few processes.
+
+    `agent_options` are AgentConfig fields for every device (threads mode only).
+    """
+
+    def __init__(self, unit_ids, port, processes, mode="selector", backoff="agent", **agent_options):
         self.state_root = Path(tempfile.mkdtemp(prefix="fleet-sim-", dir=_state_parent()))
         self.slices = [unit_ids[i::processes] for i in range(processes)]
         self.links = []
@@ -211,7 +270,7 @@ class Fleet:
             if mode == "selector":
                 target, args = _selector_devices, (units, port, self.state_root, child)
             else:
-                target, args = _threaded_devices, (units, port, self.state_root, child, backoff)
+                target, args = _threaded_devices, (units, port, self.state_root, child, backoff, agent_options)
             process = multiprocessing.Process(target=target, args=args, daemon=True)
             process.start()
             self.links.append(parent)
