@@ -190,7 +190,7 @@ class Agent:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
         self._jitter_next_reconnect()
-        if not self.stopping.is_set():
+        if not self.stopping.is_set() and not self.credentials_refused.is_set():
             log.warning("disconnected from broker: %s; reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message):

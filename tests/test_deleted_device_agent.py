@@ -33,6 +33,7 @@ def test_an_agent_whose_device_is_deleted_says_so_once_and_exits_with_its_own_co
     assert log.count(REFUSAL) == 1, log
     assert "deleted on the server or its credentials were revoked" in log
     assert "fleet-device register" in log
+    assert "; reconnecting" not in log.split(REFUSAL, 1)[1]
 
 
 def test_an_agent_started_after_its_device_was_deleted_stops_at_the_first_refusal(secured_stack, tmp_path):
