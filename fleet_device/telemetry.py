@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ from marshmallow import ValidationError
 from . import wire
 
 log = logging.getLogger(__name__)
+
+_BATCH_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True)
@@ -353,12 +356,16 @@ class Telemetry:
 
     def confirm(self, ids) -> int:
         """The server's confirmation: forget the batches it names."""
+        ids = [i for i in ids if isinstance(i, str) and _BATCH_ID.match(i)]
+        if not ids:  # a confirmation of other reports only: spare the database
+            return 0
         try:
             stored = self.buffer.mark_stored(ids)
         except sqlite3.Error:
             log.exception("cannot forget confirmed telemetry batches; they are sent again")
             return 0
         if stored:
+            self.sent_batches += stored
             self.confirmed.set()
         return stored
 
@@ -391,7 +398,6 @@ class Telemetry:
                 continue
             last_sent = batch.batch_id
             if self._await_confirmation(batch.batch_id, reconnects):
-                self.sent_batches += 1
                 log.debug("telemetry batch %s stored readings=%d", batch.batch_id, batch.readings)
 
     def _await_confirmation(self, batch_id: str, reconnects: int) -> bool:

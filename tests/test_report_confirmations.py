@@ -12,14 +12,17 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks.fleet_sim import Fleet
 from fleet_device import wire
 from fleet_device.pending_reports import PendingReports
+from fleet_device.telemetry import Telemetry, TelemetryConfig
 from fleet_server import broker_accounts
 from fleet_server.worker import Outcome, confirmations
 from tests.support.infra import build_busybox_variant, wait_for_mqtt
@@ -96,6 +99,43 @@ def test_a_report_that_does_not_fit_its_schema_is_refused_before_it_is_kept(tmp_
     with pytest.raises(wire.WireError, match="state"):
         reports.send("deployments", deployment(state="exploded"))
     assert not reports.pending()
+
+
+class AcknowledgingClient:
+    """Stands in for paho: the broker takes every publication at once; records the payloads."""
+
+    def __init__(self):
+        self.payloads = []
+
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+        self.payloads.append(json.loads(payload))
+        return SimpleNamespace(wait_for_publish=lambda timeout=None: None, is_published=lambda: True)
+
+    def batch_ids(self):
+        return [payload["batch_id"] for payload in self.payloads]
+
+
+def test_a_telemetry_batch_the_broker_took_is_sent_again_until_the_server_confirms_it(tmp_path):
+    client, connected = AcknowledgingClient(), threading.Event()
+    connected.set()
+    telemetry = Telemetry(str(uuid.uuid4()), tmp_path, client, connected,
+                          TelemetryConfig(sources=(), batch_size=2, confirm_timeout=0.3))
+    telemetry.add([{"field": "v", "type": "double", "ts": 1.0 + n, "value": float(n)} for n in range(4)])
+    telemetry.start()
+    try:
+        eventually(lambda: len(client.batch_ids()) >= 3, 10, 0.05, "the first batch sent three times")
+        first = client.batch_ids()[0]
+        assert set(client.batch_ids()) == {first}  # the same batch, never the next one unconfirmed
+        assert telemetry.confirm(["not-a-batch", first]) == 1
+        second = eventually(lambda: [b for b in client.batch_ids() if b != first], 10, 0.05, "the next batch")[0]
+        telemetry.reconnected()  # after a reconnect the unconfirmed batch goes again at once
+        eventually(lambda: client.batch_ids().count(second) >= 2, 2, 0.02, "the batch resent on reconnect")
+        telemetry.confirm([second])
+        eventually(lambda: telemetry.stats()["in_flight"] == 0 and telemetry.stats()["waiting"] == 0, 10, 0.05,
+                   "nothing left to send")
+        assert telemetry.stats()["sent_batches"] == 2
+    finally:
+        telemetry.stop()
 
 
 # --- the worker's confirmations -----------------------------------------------------------------
