@@ -14,6 +14,11 @@ Scenarios (each bounded in devices and seconds, loopback only, prints its figure
     python benchmarks/fleet_sim.py storm --devices 1000
     python benchmarks/fleet_sim.py commands --devices 1000
     python benchmarks/fleet_sim.py telemetry --devices 1000 --batches 2 --per-batch 100
+    python benchmarks/fleet_sim.py reports --devices 1000
+
+In `storm` and `reports` the devices can also apply the releases they queued: a simulated
+deploy (SimulatedDeploy) reports its steps as the real one would, and the agent keeps and
+resends each report until the server confirms it, with its own code (pending_reports.py).
 
 Adding a scenario: write a function taking the parsed arguments, register it in
 SCENARIOS, and give the device processes a command for what the devices must do
@@ -585,7 +590,72 @@ def telemetry(args):
         }])
 
 
-SCENARIOS = {"fanout": fanout, "storm": storm, "commands": commands, "telemetry": telemetry}
+# --- deployment reports across a broker killed mid-deploy ---------------------------------
+
+
+def _deployment_states(app, release_id: int) -> dict[str, int]:
+    from fleet_server import models
+    from fleet_server.extensions import db
+
+    with app.app_context():
+        try:
+            return dict(db.session.execute(
+                db.select(models.Deployment.state, db.func.count()).where(models.Deployment.release_id == release_id)
+                .group_by(models.Deployment.state)).all())
+        finally:
+            db.session.remove()
+
+
+def reports(args):
+    """Every device deploys within --spread s; --kill-at s in the broker is killed with SIGKILL and
+    started again --down s later: how long until every final state is stored, and how many reports
+    the devices had to send again."""
+    with workdir("fleet-reports-") as work:
+        broker = Broker(work).start()
+        server = Server(work, broker.url, web_workers=1, ingest_workers=args.ingest_workers).start()
+        fleet = None
+        try:
+            app = server.app()
+            registered = _register_devices(server, args.devices)
+            fleet = Fleet([unit for _id, unit in registered], broker.port, args.processes, mode="threads",
+                          reconnect_window=args.reconnect_window, report_resend_interval=args.resend_interval)
+            wait_for(lambda: fleet.connected() == args.devices, 180, f"{args.devices} agents to connect", 0.5)
+            project = requests.post(server.url + "/docker/projects/", json={"name": "reports"},
+                                    headers=server.headers, timeout=60).json()
+            response = requests.post(f"{server.url}/docker/projects/{project['id']}/releases/",
+                                     json=_release_body([i for i, _u in registered], "1.0"), headers=server.headers,
+                                     timeout=HARD_TIMEOUT)
+            release_id = response.json()["id"]
+            wait_for(lambda: _deployment_states(app, release_id).get("queued") == args.devices, HARD_TIMEOUT,
+                     "every queued report stored", 0.5)
+            fleet.ask("deploy", args.spread)
+            time.sleep(args.kill_at)
+            broker.process.kill()  # SIGKILL: nothing of the broker's state is saved
+            broker.process.wait(10)
+            time.sleep(args.down)
+            broker.start()
+            t_up = time.time()
+            wait_for(lambda: _deployment_states(app, release_id).get("succeeded") == args.devices, HARD_TIMEOUT,
+                     f"{args.devices} succeeded deployments", 0.2)
+            t_done = time.time()
+            unconfirmed = fleet.ask("unconfirmed")
+            print_figures(f"deployment reports across a broker killed mid-deploy ({machine()})", [{
+                "devices": args.devices,
+                "final_states_stored": _deployment_states(app, release_id).get("succeeded", 0),
+                "all_stored_after_broker_restart_s": round(t_done - t_up, 2),
+                "reports_resent": sum(u["resent"] for u in unconfirmed),
+                "resend_interval_s": args.resend_interval,
+                "reconnect_window_s": args.reconnect_window,
+                "broker_down_s": args.down,
+            }])
+        finally:
+            if fleet:
+                fleet.stop()
+            server.stop()
+            broker.stop()
+
+
+SCENARIOS = {"fanout": fanout, "storm": storm, "commands": commands, "telemetry": telemetry, "reports": reports}
 
 
 def main(argv=None):
@@ -614,6 +684,15 @@ def main(argv=None):
         else:
             run.add_argument("--batches", type=int, default=2)
             run.add_argument("--per-batch", type=int, default=100)
+    run = commands.add_parser("reports", help="N devices deploying while the broker is killed: every final state stored")
+    run.add_argument("--devices", type=int, default=1000)
+    run.add_argument("--processes", type=int, default=4)
+    run.add_argument("--ingest-workers", type=int, default=2)
+    run.add_argument("--spread", type=float, default=10.0, help="seconds over which the devices start deploying")
+    run.add_argument("--kill-at", type=float, default=3.0, help="seconds into the deploys the broker is killed")
+    run.add_argument("--down", type=float, default=2.0, help="seconds the broker stays down")
+    run.add_argument("--reconnect-window", type=float, default=12.0)
+    run.add_argument("--resend-interval", type=float, default=30.0)
     args = parser.parse_args(argv)
     if getattr(args, "devices", 0) > 10000:
         raise SystemExit("--devices: at most 10,000")
