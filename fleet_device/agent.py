@@ -112,7 +112,7 @@ class Agent:
         self.pending_reports = PendingReports(Path(config.state_dir) / "reports", self._publish_payload,
                                               limit=config.pending_reports_limit,
                                               resend_interval=config.report_resend_interval)
-        self._resend_everything = threading.Event()
+        self._reconnected_at: float | None = None  # monotonic; set by _on_connect, taken by resend_reports
         self.handlers["confirmations"] = self._handle_confirmations
         self.subscriptions.append(wire.device_topic(self.unit_id, "confirmations"))
         self.client = self._make_client()
@@ -169,10 +169,11 @@ class Agent:
             return
         self.connected.set()
         self.reconnect_attempts = 0
+        # A restarted broker may have dropped what it acknowledged: every unconfirmed report sent
+        # before this moment goes again (from the message thread: this callback stays small).
+        self._reconnected_at = time.monotonic()
         client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
-        # A restarted broker may have dropped what it acknowledged: send every unconfirmed report again.
-        self._resend_everything.set()
         self.telemetry.reconnected()
         self.command_runner.connected()
         log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
@@ -201,8 +202,7 @@ class Agent:
         self.inbox.put(message)
 
     def publish(self, kind: str, schema, body: dict, retain=False):
-        payload = wire.encode(schema, body)
-        return self.client.publish(wire.device_topic(self.unit_id, kind), payload, qos=1, retain=retain)
+        return self._publish_payload(kind, wire.encode(schema, body), retain)
 
     def _publish_payload(self, kind: str, payload: bytes, retain: bool):
         return self.client.publish(wire.device_topic(self.unit_id, kind), payload, qos=1, retain=retain)
@@ -232,9 +232,8 @@ class Agent:
         """Send again the reports the server has not confirmed: all after a reconnect, else those due."""
         if not self.connected.is_set():
             return 0
-        everything = self._resend_everything.is_set()
-        self._resend_everything.clear()
-        return self.pending_reports.resend(everything=everything)
+        reconnected_at, self._reconnected_at = self._reconnected_at, None
+        return self.pending_reports.resend(reconnected_at)
 
     def _handle_confirmations(self, where: wire.DeviceTopic, message):
         ids = wire.decode(wire.confirmation, message.payload)["ids"]
@@ -410,7 +409,7 @@ class Agent:
         self.start_up()
         next_resend = 0.0
         while not self.stopping.is_set():
-            if self._resend_everything.is_set() or time.monotonic() >= next_resend:
+            if self._reconnected_at is not None or time.monotonic() >= next_resend:
                 try:
                     self.resend_reports()
                 except Exception:  # a bug must not stop the agent from handling messages

@@ -129,12 +129,17 @@ class PendingReports:
                 self._forget_locked(report)
         return len(found)
 
-    def resend(self, everything: bool = False) -> int:
-        """Publish again the reports due (every one after a reconnect); returns how many went."""
+    def resend(self, reconnected_at: float | None = None) -> int:
+        """Publish again the reports due; returns how many went.
+
+        Due: each one last sent `resend_interval` seconds ago or more, and after a reconnect
+        (`reconnected_at`, monotonic) each one not sent since, which the broker may have dropped.
+        """
         now = time.monotonic()
         with self._lock:
             due = [r for r in self._reports.values()
-                   if everything or r.sent_at is None or now - r.sent_at >= self.resend_interval]
+                   if r.sent_at is None or now - r.sent_at >= self.resend_interval
+                   or (reconnected_at is not None and r.sent_at < reconnected_at)]
             for report in due:
                 report.sent_at = now
         for report in due:
