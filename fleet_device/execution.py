@@ -564,7 +564,7 @@ class CommandRunner:
             self._in_flight[command_id] = (info, time.monotonic())
 
     def _publish(self, result: dict, correlation: bytes | None, kept: bool):
-        """Send a report; a final result `kept` in the journal is marked acknowledged once the broker has it."""
+        """Send a report; a final result `kept` in the journal stays there until the server confirms it."""
         properties = Properties(PacketTypes.PUBLISH)
         properties.CorrelationData = correlation or result["id"].encode()
         try:
@@ -595,7 +595,8 @@ class CommandRunner:
             sent = in_flight.get(result["id"])
             if sent is not None:
                 info, sent_at = sent
-                if (not _acknowledged(info) if after_reconnect else now - sent_at < self.resend_interval):
+                due = _acknowledged(info) if after_reconnect else now - sent_at >= self.resend_interval
+                if not due:
                     continue
             log.info("command=%s resending its %s result", result["id"], result["state"])
             self._publish(result, None, kept=True)
