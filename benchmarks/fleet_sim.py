@@ -684,7 +684,7 @@ def main(argv=None):
         else:
             run.add_argument("--batches", type=int, default=2)
             run.add_argument("--per-batch", type=int, default=100)
-    run = commands.add_parser("reports", help="N devices deploying while the broker is killed: every final state stored")
+    run = commands.add_parser("reports", help="N devices deploying while the broker is killed: all final states stored")
     run.add_argument("--devices", type=int, default=1000)
     run.add_argument("--processes", type=int, default=4)
     run.add_argument("--ingest-workers", type=int, default=2)
