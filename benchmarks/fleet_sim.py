@@ -14,6 +14,11 @@ Scenarios (each bounded in devices and seconds, loopback only, prints its figure
     python benchmarks/fleet_sim.py storm --devices 1000
     python benchmarks/fleet_sim.py commands --devices 1000
     python benchmarks/fleet_sim.py telemetry --devices 1000 --batches 2 --per-batch 100
+    python benchmarks/fleet_sim.py reports --devices 1000
+
+In `storm` and `reports` the devices can also apply the releases they queued: a simulated
+deploy (SimulatedDeploy) reports its steps as the real one would, and the agent keeps and
+resends each report until the server confirms it, with its own code (pending_reports.py).
 
 Adding a scenario: write a function taking the parsed arguments, register it in
 SCENARIOS, and give the device processes a command for what the devices must do
@@ -33,9 +38,11 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Broker, Server, machine, percentile, print_figures, wait_for, workdir  # noqa: E402
@@ -61,10 +68,38 @@ class NoEngine:
     report = None
 
 
-def _agent(unit_id: str, port: int, state_root: Path, **config) -> Agent:
+class SimulatedDeploy:
+    """Stands in for the Deployer where a scenario applies releases: reports each step after a
+    pause, as a deploy would, and starts nothing. Reports, their ids, keeping and resending are
+    the agent's own (fleet_device.pending_reports)."""
+
+    report = None
+    journal = SimpleNamespace(load=lambda project_id: None)  # no deploy was ever interrupted
+
+    def __init__(self, pause: float = 0.3):
+        self.pause = pause
+
+    def apply(self, project_id, release, registries, previous=None, needed_elsewhere=frozenset(), context=None):
+        for step in ("pulling", "starting", "verifying"):
+            time.sleep(self.pause)
+            self.report(step, step)
+        time.sleep(self.pause)
+        return ["simulated"]
+
+    def recover(self):
+        return []
+
+    def login_all(self, registries):
+        return {}
+
+    def forget(self, project_id):
+        pass
+
+
+def _agent(unit_id: str, port: int, state_root: Path, deployer=None, **config) -> Agent:
     settings = AgentConfig(unit_id=unit_id, broker_port=port, state_dir=state_root / unit_id,
                            minion_id_file=None, **config)
-    return Agent(settings, deployer=NoEngine())
+    return Agent(settings, deployer=deployer or NoEngine())
 
 
 def _connect_properties(agent: Agent) -> Properties:
@@ -162,12 +197,14 @@ def _selector_devices(unit_ids, port, state_root, conn):
                 del expected[project_id]
 
 
-def _threaded_devices(unit_ids, port, state_root, conn, backoff):
+def _threaded_devices(unit_ids, port, state_root, conn, backoff, agent_options):
     """Agents as the real one runs: Agent.start(), paho's network thread reconnecting on its own."""
     logging.basicConfig(level=logging.ERROR)
-    agents = [_agent(unit_id, port, state_root) for unit_id in unit_ids]
+    agents = [_agent(unit_id, port, state_root, deployer=SimulatedDeploy(), **agent_options) for unit_id in unit_ids]
     connects: dict[str, list[float]] = {}
+    last_deployment_report: dict[str, dict] = {}
     for agent in agents:
+        _record_deployment_reports(agent, last_deployment_report)
         if backoff == "paho":
             # The baseline: the agent's reconnection policy before jitter (paho's doubling from 1-2 s).
             agent._jitter_next_reconnect = lambda: None
@@ -189,6 +226,17 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff):
             conn.send(len(connects))
         elif command == "connects":
             conn.send(connects)
+        elif command == "deploy":
+            # Each device applies its queued release at a moment of its own within `spread` seconds.
+            (spread,) = args
+            for agent in agents:
+                threading.Timer(random.uniform(0, spread), agent.apply_queued).start()
+            conn.send(len(agents))
+        elif command == "deployment_reports":
+            conn.send(dict(last_deployment_report))
+        elif command == "unconfirmed":
+            conn.send({"pending": sum(len(agent.pending_reports) for agent in agents),
+                       "resent": sum(agent.pending_reports.resent for agent in agents)})
         elif command == "stop":
             for agent in agents:
                 agent.stopping.set()
@@ -198,10 +246,26 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff):
             return
 
 
-class Fleet:
-    """N simulated devices split over a few processes."""
+def _record_deployment_reports(agent: Agent, last: dict):
+    """Keep the last deployment report each device sent, to compare with what the server stored."""
+    send = agent.pending_reports.send
 
-    def __init__(self, unit_ids, port, processes, mode="selector", backoff="agent"):
+    def recording_send(kind, body, **options):
+        result = send(kind, body, **options)
+        if kind == "deployments":
+            last[agent.unit_id] = body
+        return result
+
+    agent.pending_reports.send = recording_send
+
+
+class Fleet:
+    """N simulated devices split over a few processes.
+
+    `agent_options` are AgentConfig fields for every device (threads mode only).
+    """
+
+    def __init__(self, unit_ids, port, processes, mode="selector", backoff="agent", **agent_options):
         self.state_root = Path(tempfile.mkdtemp(prefix="fleet-sim-", dir=_state_parent()))
         self.slices = [unit_ids[i::processes] for i in range(processes)]
         self.links = []
@@ -211,7 +275,7 @@ class Fleet:
             if mode == "selector":
                 target, args = _selector_devices, (units, port, self.state_root, child)
             else:
-                target, args = _threaded_devices, (units, port, self.state_root, child, backoff)
+                target, args = _threaded_devices, (units, port, self.state_root, child, backoff, agent_options)
             process = multiprocessing.Process(target=target, args=args, daemon=True)
             process.start()
             self.links.append(parent)
@@ -526,7 +590,72 @@ def telemetry(args):
         }])
 
 
-SCENARIOS = {"fanout": fanout, "storm": storm, "commands": commands, "telemetry": telemetry}
+# --- deployment reports across a broker killed mid-deploy ---------------------------------
+
+
+def _deployment_states(app, release_id: int) -> dict[str, int]:
+    from fleet_server import models
+    from fleet_server.extensions import db
+
+    with app.app_context():
+        try:
+            return dict(db.session.execute(
+                db.select(models.Deployment.state, db.func.count()).where(models.Deployment.release_id == release_id)
+                .group_by(models.Deployment.state)).all())
+        finally:
+            db.session.remove()
+
+
+def reports(args):
+    """Every device deploys within --spread s; --kill-at s in the broker is killed with SIGKILL and
+    started again --down s later: how long until every final state is stored, and how many reports
+    the devices had to send again."""
+    with workdir("fleet-reports-") as work:
+        broker = Broker(work).start()
+        server = Server(work, broker.url, web_workers=1, ingest_workers=args.ingest_workers).start()
+        fleet = None
+        try:
+            app = server.app()
+            registered = _register_devices(server, args.devices)
+            fleet = Fleet([unit for _id, unit in registered], broker.port, args.processes, mode="threads",
+                          reconnect_window=args.reconnect_window, report_resend_interval=args.resend_interval)
+            wait_for(lambda: fleet.connected() == args.devices, 180, f"{args.devices} agents to connect", 0.5)
+            project = requests.post(server.url + "/docker/projects/", json={"name": "reports"},
+                                    headers=server.headers, timeout=60).json()
+            response = requests.post(f"{server.url}/docker/projects/{project['id']}/releases/",
+                                     json=_release_body([i for i, _u in registered], "1.0"), headers=server.headers,
+                                     timeout=HARD_TIMEOUT)
+            release_id = response.json()["id"]
+            wait_for(lambda: _deployment_states(app, release_id).get("queued") == args.devices, HARD_TIMEOUT,
+                     "every queued report stored", 0.5)
+            fleet.ask("deploy", args.spread)
+            time.sleep(args.kill_at)
+            broker.process.kill()  # SIGKILL: nothing of the broker's state is saved
+            broker.process.wait(10)
+            time.sleep(args.down)
+            broker.start()
+            t_up = time.time()
+            wait_for(lambda: _deployment_states(app, release_id).get("succeeded") == args.devices, HARD_TIMEOUT,
+                     f"{args.devices} succeeded deployments", 0.2)
+            t_done = time.time()
+            unconfirmed = fleet.ask("unconfirmed")
+            print_figures(f"deployment reports across a broker killed mid-deploy ({machine()})", [{
+                "devices": args.devices,
+                "final_states_stored": _deployment_states(app, release_id).get("succeeded", 0),
+                "all_stored_after_broker_restart_s": round(t_done - t_up, 2),
+                "reports_resent": sum(u["resent"] for u in unconfirmed),
+                "resend_interval_s": args.resend_interval,
+                "reconnect_window_s": args.reconnect_window,
+                "broker_down_s": args.down,
+            }])
+        finally:
+            if fleet:
+                fleet.stop()
+            server.stop()
+            broker.stop()
+
+
+SCENARIOS = {"fanout": fanout, "storm": storm, "commands": commands, "telemetry": telemetry, "reports": reports}
 
 
 def main(argv=None):
@@ -555,6 +684,15 @@ def main(argv=None):
         else:
             run.add_argument("--batches", type=int, default=2)
             run.add_argument("--per-batch", type=int, default=100)
+    run = commands.add_parser("reports", help="N devices deploying while the broker is killed: all final states stored")
+    run.add_argument("--devices", type=int, default=1000)
+    run.add_argument("--processes", type=int, default=4)
+    run.add_argument("--ingest-workers", type=int, default=2)
+    run.add_argument("--spread", type=float, default=10.0, help="seconds over which the devices start deploying")
+    run.add_argument("--kill-at", type=float, default=3.0, help="seconds into the deploys the broker is killed")
+    run.add_argument("--down", type=float, default=2.0, help="seconds the broker stays down")
+    run.add_argument("--reconnect-window", type=float, default=12.0)
+    run.add_argument("--resend-interval", type=float, default=30.0)
     args = parser.parse_args(argv)
     if getattr(args, "devices", 0) > 10000:
         raise SystemExit("--devices: at most 10,000")

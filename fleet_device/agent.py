@@ -7,7 +7,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -20,6 +20,7 @@ from .commands import ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .execution import CommandRunner
 from .release_policy import ReleasePolicy
+from .pending_reports import DEFAULT_LIMIT, DEFAULT_RESEND_INTERVAL, PendingReports
 from .state import RegistryStore, ReleaseQueue
 from .telemetry import Telemetry, TelemetryConfig
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # Messages received and not yet handled; past this the broker keeps (and redelivers) the rest.
 INBOX_LIMIT = 1000
+
+# CONNACK reason codes that mean the broker no longer accepts this device's credentials.
+BAD_CREDENTIALS = 134  # bad user name or password
+NOT_AUTHORIZED = 135
 
 
 @dataclass
@@ -55,6 +60,10 @@ class AgentConfig:
     container_scope: ContainerScope = field(default_factory=ContainerScope)
     # What a release may hold (privileged mode, binds...); a release asking for more is refused.
     release_policy: ReleasePolicy = ReleasePolicy()
+    # Reports the server has not confirmed are sent again this often (and after each reconnect);
+    # at most pending_reports_limit deployment reports are kept (see pending_reports.py).
+    report_resend_interval: float = DEFAULT_RESEND_INTERVAL
+    pending_reports_limit: int = DEFAULT_LIMIT
 
 
 @dataclass
@@ -94,6 +103,8 @@ class Agent:
         self.apply_lock = threading.Lock()
         self.rejected = 0
         self.reconnect_attempts = 0
+        # Set when the broker refused the device's credentials: the agent stops trying (see _on_connect).
+        self.credentials_refused = threading.Event()
         # Topic kind → handler(where, message). Each feature adds its own entry.
         self.handlers = {"releases": self._handle_release}
         self.stale_logged: set[tuple[int, int]] = set()  # older release documents already logged as ignored
@@ -103,9 +114,18 @@ class Agent:
         self.command_runner = CommandRunner(self, Path(config.state_dir) / "commands")
         self.handlers["commands"] = self.command_runner.handle_message
         self.subscriptions.append(wire.device_topic(self.unit_id, "commands"))
+        self.command_runner.resend_interval = config.report_resend_interval
+        # Reports are kept until the server confirms it stored them, and sent again until then.
+        self.pending_reports = PendingReports(Path(config.state_dir) / "reports", self._publish_payload,
+                                              limit=config.pending_reports_limit,
+                                              resend_interval=config.report_resend_interval)
+        self._reconnected_at: float | None = None  # monotonic; set by _on_connect, taken by resend_reports
+        self.handlers["confirmations"] = self._handle_confirmations
+        self.subscriptions.append(wire.device_topic(self.unit_id, "confirmations"))
         self.client = self._make_client()
         self._jitter_next_reconnect()
-        self.telemetry = Telemetry(config.unit_id, config.state_dir, self.client, self.connected, config.telemetry)
+        self.telemetry = Telemetry(config.unit_id, config.state_dir, self.client, self.connected,
+                                   replace(config.telemetry, confirm_timeout=config.report_resend_interval))
 
     # --- MQTT -------------------------------------------------------------------
 
@@ -149,19 +169,36 @@ class Agent:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            if reason_code.value in (BAD_CREDENTIALS, NOT_AUTHORIZED):
+                self._give_up_on_credentials(client, reason_code)
+            else:
+                log.error("broker refused the connection: %s", reason_code)
             return
         self.connected.set()
         self.reconnect_attempts = 0
+        # A restarted broker may have dropped what it acknowledged: every unconfirmed report sent
+        # before this moment goes again (from the message thread: this callback stays small).
+        self._reconnected_at = time.monotonic()
         client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
+        self.telemetry.reconnected()
         self.command_runner.connected()
         log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
+
+    def _give_up_on_credentials(self, client, reason_code):
+        """Say once that the device's account is gone, and stop reconnecting: retrying cannot help."""
+        if self.credentials_refused.is_set():
+            return
+        self.credentials_refused.set()
+        log.error("the broker refused this device's credentials (%s): the device was deleted on the server "
+                  "or its credentials were revoked. Register it again with `fleet-device register`; "
+                  "not reconnecting. unit_id=%s", reason_code, self.unit_id)
+        client.disconnect()  # ends paho's reconnection loop
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
         self._jitter_next_reconnect()
-        if not self.stopping.is_set():
+        if not self.stopping.is_set() and not self.credentials_refused.is_set():
             log.warning("disconnected from broker: %s; reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message):
@@ -172,12 +209,15 @@ class Agent:
         self.inbox.put(message)
 
     def publish(self, kind: str, schema, body: dict, retain=False):
-        payload = wire.encode(schema, body)
+        return self._publish_payload(kind, wire.encode(schema, body), retain)
+
+    def _publish_payload(self, kind: str, payload: bytes, retain: bool):
         return self.client.publish(wire.device_topic(self.unit_id, kind), payload, qos=1, retain=retain)
 
     def publish_status(self, state: str):
-        return self.publish("status", wire.status_message, {"state": state, "agent_version": __version__, "ts": time.time()},
-                     retain=True)
+        # Kept until confirmed, in memory only: a restarted agent says it is online anyway.
+        return self.pending_reports.send("status", {"state": state, "agent_version": __version__, "ts": time.time()},
+                                         slot="status", durable=False)
 
     def report(self, message: dict, state: str, step: str | None = None, detail: str = ""):
         release = message["release"]
@@ -193,7 +233,21 @@ class Agent:
             "ts": time.time(),
         }
         log.info("release=%s project=%s state=%s step=%s %s", release["id"], message["project_id"], state, step, detail)
-        self.publish("deployments", wire.deployment_report, body)
+        self.pending_reports.send("deployments", body)
+
+    def resend_reports(self):
+        """Send again the reports the server has not confirmed: all after a reconnect, else those due."""
+        if not self.connected.is_set():
+            return 0
+        reconnected_at, self._reconnected_at = self._reconnected_at, None
+        return self.pending_reports.resend(reconnected_at)
+
+    def _handle_confirmations(self, where: wire.DeviceTopic, message):
+        ids = wire.decode(wire.confirmation, message.payload)["ids"]
+        confirmed = self.pending_reports.confirm(ids)
+        self.telemetry.confirm(ids)
+        self.command_runner.confirmed(ids)
+        log.debug("server confirmed %d report(s), %d of them deployment reports or status", len(ids), confirmed)
 
     # --- handling messages ------------------------------------------------------
 
@@ -373,7 +427,14 @@ class Agent:
 
     def _work(self):
         self.start_up()
+        next_resend = 0.0
         while not self.stopping.is_set():
+            if self._reconnected_at is not None or time.monotonic() >= next_resend:
+                try:
+                    self.resend_reports()
+                except Exception:  # a bug must not stop the agent from handling messages
+                    log.exception("resending unconfirmed reports failed")
+                next_resend = time.monotonic() + min(1.0, self.config.report_resend_interval)
             try:
                 message = self.inbox.get(timeout=0.2)
             except queue.Empty:

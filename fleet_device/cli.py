@@ -114,6 +114,18 @@ def _bind_roots(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_seconds(text) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
+# `fleet-device run` ends with this code when the broker refuses the device's credentials: the
+# device was deleted or its credentials revoked, and restarting the agent cannot help.
+EXIT_CREDENTIALS_REFUSED = 3
+
+
 def _env(name, default=None):
     return os.environ.get(name, default)
 
@@ -207,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reconnect-window", type=float, default=float(_env("FLEET_RECONNECT_WINDOW", "12")),
                      help="seconds over which the first reconnection after losing the broker is spread; "
                           "doubles per failed attempt (FLEET_RECONNECT_WINDOW)")
+    run.add_argument("--report-resend-interval", type=_positive_seconds,
+                     default=_env("FLEET_REPORT_RESEND_INTERVAL", "30"),
+                     help="seconds after which a report the server has not confirmed is sent again "
+                          "(FLEET_REPORT_RESEND_INTERVAL)")
 
     register = commands.add_parser("register", help="exchange a provisioning token for this device's identity")
     register.add_argument("--server", required=True, help="the Fleet server's URL, e.g. https://fleet.example.com")
@@ -320,6 +336,7 @@ def run(args) -> int:
         minion_id_file=args.minion_id_file,
         settle_seconds=args.settle,
         reconnect_window=args.reconnect_window,
+        report_resend_interval=args.report_resend_interval,
         health_timeout=args.health_timeout,
         release_policy=ReleasePolicy(allow_privileged=args.allow_privileged, bind_roots=args.allowed_bind_roots),
         telemetry=TelemetryConfig(
@@ -351,9 +368,13 @@ def run(args) -> int:
     api.start()
     log.info("agent %s up: broker %s:%s, local API %s:%s, state %s", config.unit_id, host, port, *api.address,
              config.state_dir)
-    done.wait()
+    while not done.wait(0.5):
+        if agent.credentials_refused.is_set():
+            break
     api.stop()
     agent.stop()
+    if agent.credentials_refused.is_set():
+        return EXIT_CREDENTIALS_REFUSED
     return 0
 
 

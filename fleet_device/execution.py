@@ -1,13 +1,13 @@
 """Running remote commands on the agent: at most once per id, within their deadline and timeout,
-with every result kept on disk until the broker acknowledged it.
+with every final result kept on disk until the server confirmed it stored it.
 
 The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON lines:
 
     {"accepted": ID}     fsynced before the command runs (and before the message is acknowledged),
     {"result": {...}}    fsynced before the result is published,
-    {"acked": ID}        once the broker acknowledged the result, at the supervisor's next look
-                         (not fsynced: losing it only means the result is sent once more, and
-                         the server ignores repeats).
+    {"acked": ID}        once the server's confirmation named the result (not fsynced: losing
+                         it only means the result is sent once more, and the server ignores
+                         repeats).
 
 A read-only command (`read_only` in the command table: test.ping, docker.ps, ...) is written
 without the two fsyncs: running one twice does no harm, so a power loss may at worst make
@@ -29,7 +29,9 @@ that finished a command waits a while for the next one: handing a command to a w
 is quicker than starting one (which waits for the new thread to run). One
 supervisor thread enforces timeouts (the command is reported `timed_out` and its late result
 discarded: Python cannot kill a thread, so it is left to finish in the background), reports
-`delivered`/`running` for commands that take a while, and resends what is unacknowledged.
+`delivered`/`running` for commands that take a while, and resends what is unconfirmed: after
+every reconnect, and each `resend_interval` seconds while the server stays silent about it
+(a broker that restarts can acknowledge a result and drop it before any worker is subscribed).
 """
 from __future__ import annotations
 
@@ -246,7 +248,11 @@ class CommandRunner:
         self._active: dict[str, CommandRun] = {}
         self._waiting: collections.deque[CommandRun] = collections.deque()
         self._running = 0
-        self._in_flight: dict[str, object] = {}  # command id → paho MQTTMessageInfo of its result
+        # command id → (paho MQTTMessageInfo, monotonic time) of its final result's last send,
+        # until the server confirms it
+        self._in_flight: dict[str, tuple] = {}
+        self.resend_interval = 30.0
+        self._next_resend = 0.0
         # Commands handed to the command threads, and how many threads wait for one and are not
         # yet promised one (both under `_lock`): a thread is started only when none waits.
         self._handed: queue.SimpleQueue[CommandRun] = queue.SimpleQueue()
@@ -273,9 +279,17 @@ class CommandRunner:
     # --- MQTT side: all tiny, none of it blocks -------------------------------------------
 
     def connected(self):
-        """The agent (re)connected: send the results the broker never acknowledged."""
+        """The agent (re)connected: send again the results the server has not confirmed."""
         self._resend.set()
         self._wakeup.set()
+
+    def confirmed(self, ids):
+        """The server stored these results (by command id): they need not be sent again."""
+        with self._lock:
+            for command_id in ids:
+                self._in_flight.pop(command_id, None)
+        for command_id in ids:
+            self.journal.acknowledge(command_id)
 
     def handle_message(self, where: wire.DeviceTopic, message):
         """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
@@ -466,8 +480,10 @@ class CommandRunner:
                 self._wakeup.clear()
                 if self._resend.is_set():
                     self._resend.clear()
-                    self._resend_unacknowledged()
-                self._confirm_published()
+                    self._resend_unconfirmed(after_reconnect=True)
+                elif time.monotonic() >= self._next_resend:
+                    self._next_resend = time.monotonic() + min(1.0, self.resend_interval)
+                    self._resend_unconfirmed(after_reconnect=False)
             except Exception:  # a bug must not leave timeouts unenforced for good
                 log.exception("command supervisor failed; going on")
                 self._stopping.wait(1.0)
@@ -542,16 +558,13 @@ class CommandRunner:
         self._publish(result, run.correlation, kept)
 
     def _track(self, command_id: str, info):
-        # No wake-up of the supervisor, here or when the broker acknowledges the result: it marks
-        # acknowledged results in the journal at its next look (within `progress_delay`). Waking
-        # it for each would compete for the two cores with the network thread about to send the
-        # result and with the server storing it; a result acknowledged but not yet marked is at
-        # worst sent once more after a restart, and the server ignores repeats.
+        # No wake-up of the supervisor: the server's confirmation marks the result in the journal,
+        # and the supervisor's look for stale results comes within a second anyway.
         with self._lock:
-            self._in_flight[command_id] = info
+            self._in_flight[command_id] = (info, time.monotonic())
 
     def _publish(self, result: dict, correlation: bytes | None, kept: bool):
-        """Send a report; a final result `kept` in the journal is marked acknowledged once the broker has it."""
+        """Send a report; a final result `kept` in the journal stays there until the server confirms it."""
         properties = Properties(PacketTypes.PUBLISH)
         properties.CorrelationData = correlation or result["id"].encode()
         try:
@@ -568,22 +581,25 @@ class CommandRunner:
             self._track(result["id"], info)
         return info
 
-    def _confirm_published(self):
-        with self._lock:
-            done = [command_id for command_id, info in self._in_flight.items() if _acknowledged(info)]
-            for command_id in done:
-                del self._in_flight[command_id]
-        for command_id in done:
-            self.journal.acknowledge(command_id)
+    def _resend_unconfirmed(self, after_reconnect: bool):
+        """Send again the final results the server has not confirmed.
 
-    def _resend_unacknowledged(self):
-        # Results published by this process are resent by paho itself; only older ones go again.
+        After a reconnect: each one the broker took (it may have dropped it) or that this process
+        never sent; one still waiting for the broker's acknowledgement paho sends again itself.
+        Otherwise: each one sent `resend_interval` seconds ago or more.
+        """
+        now = time.monotonic()
         with self._lock:
-            in_flight = set(self._in_flight)
+            in_flight = dict(self._in_flight)
         for result in self.journal.pending_results():
-            if result["id"] not in in_flight:
-                log.info("command=%s resending its %s result", result["id"], result["state"])
-                self._publish(result, None, kept=True)
+            sent = in_flight.get(result["id"])
+            if sent is not None:
+                info, sent_at = sent
+                due = _acknowledged(info) if after_reconnect else now - sent_at >= self.resend_interval
+                if not due:
+                    continue
+            log.info("command=%s resending its %s result", result["id"], result["state"])
+            self._publish(result, None, kept=True)
 
 
 def _acknowledged(info) -> bool:

@@ -3,17 +3,21 @@
 Readings come from programs on the device (the local API's `POST /logbook/`) and from
 built-in sources that read real system data (uptime, CPU temperature, any numeric file
 such as a sysfs voltage, gpsd positions). They wait in an SQLite file in the state
-directory until the broker takes them, so a device that is offline keeps them, up to a
+directory until the server has stored them, so a device that is offline keeps them, up to a
 bound past which the oldest are dropped and counted.
 
-A batch gets its id when it is formed and is stored, id and bytes, until the broker
-acknowledges it. After a reconnect or a restart the same batch is sent again with the same
-id, and the server stores each (device, batch id) once: nothing is stored twice.
+A batch gets its id when it is formed and is stored, id and bytes, until the server's
+confirmation names it (the broker's acknowledgement is not enough: a broker that restarts can
+acknowledge a batch and drop it). One batch is in flight at a time; it is sent again with the
+same id after a reconnect, a restart, or `confirm_timeout` seconds without a confirmation, and
+the server stores each (device, batch id) once: nothing is stored twice. While batches wait,
+readings wait in the buffer, where the bound applies.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import sqlite3
 import threading
@@ -29,6 +33,8 @@ from . import wire
 from .state import create_private_file, private_directory
 
 log = logging.getLogger(__name__)
+
+_BATCH_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,21 @@ class TelemetryBuffer:
                 self._db.execute("INSERT INTO batch VALUES (?, ?, ?)", (batch_id, payload, len(rows)))
             return Batch(batch_id, payload, len(rows))
 
-    def mark_sent(self, batch_id: str):
-        """The broker has the batch: forget it."""
+    def mark_stored(self, batch_ids) -> int:
+        """The server stored these batches (or refused them for good): forget them. How many were here."""
+        batch_ids = [(batch_id,) for batch_id in batch_ids if isinstance(batch_id, str)]
+        if not batch_ids:
+            return 0
         with self._lock, self._transaction():
-            self._db.execute("DELETE FROM batch WHERE batch_id = ?", (batch_id,))
+            before = self._db.total_changes
+            self._db.executemany("DELETE FROM batch WHERE batch_id = ?", batch_ids)
+            return self._db.total_changes - before
+
+    def in_flight(self) -> str | None:
+        """The id of the batch waiting for the server's confirmation, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT batch_id FROM batch ORDER BY rowid LIMIT 1").fetchone()
+            return row[0] if row else None
 
     def dropped_locked(self) -> int:
         return self._db.execute("SELECT value FROM counter WHERE name = 'dropped'").fetchone()[0]
@@ -252,6 +269,8 @@ class TelemetryConfig:
     capacity: int = 100_000
     batch_size: int = 500
     ack_timeout: float = 60.0
+    # A batch the server has not confirmed this many seconds after the broker took it is sent again.
+    confirm_timeout: float = 30.0
 
 
 class Telemetry:
@@ -267,7 +286,9 @@ class Telemetry:
         self.sources = [BUILTIN_SOURCES[name]() for name in self.config.sources] + list(self.config.files)
         self.stopping = threading.Event()
         self.waiting = threading.Event()
-        self.sent_batches = self.source_failures = 0
+        self.confirmed = threading.Event()  # set when a confirmation arrives or the link came back
+        self.reconnects = 0
+        self.sent_batches = self.resent_batches = self.source_failures = 0
         self._threads: list[threading.Thread] = []
 
     def add(self, readings: list[dict]) -> int:
@@ -339,7 +360,28 @@ class Telemetry:
 
     # --- publishing ---------------------------------------------------------
 
+    def confirm(self, ids) -> int:
+        """The server's confirmation: forget the batches it names."""
+        ids = [i for i in ids if isinstance(i, str) and _BATCH_ID.match(i)]
+        if not ids:  # a confirmation of other reports only: spare the database
+            return 0
+        try:
+            stored = self.buffer.mark_stored(ids)
+        except sqlite3.Error:
+            log.exception("cannot forget confirmed telemetry batches; they are sent again")
+            return 0
+        if stored:
+            self.sent_batches += stored
+            self.confirmed.set()
+        return stored
+
+    def reconnected(self):
+        """The link came back: what waited for a confirmation may have been lost with the broker."""
+        self.reconnects += 1
+        self.confirmed.set()
+
     def _publish_forever(self):
+        last_sent = None
         while not self.stopping.is_set():
             if not self.connected.wait(0.5):
                 continue
@@ -353,10 +395,29 @@ class Telemetry:
                 self.waiting.wait(1.0)
                 self.waiting.clear()
                 continue
-            if self._send(batch):
-                self.buffer.mark_sent(batch.batch_id)
-                self.sent_batches += 1
-                log.debug("telemetry batch %s sent readings=%d", batch.batch_id, batch.readings)
+            if batch.batch_id == last_sent:
+                self.resent_batches += 1
+                log.info("telemetry batch %s not confirmed by the server; sending it again", batch.batch_id)
+            reconnects = self.reconnects
+            self.confirmed.clear()
+            if not self._send(batch):
+                continue
+            last_sent = batch.batch_id
+            if self._await_confirmation(batch.batch_id, reconnects):
+                log.debug("telemetry batch %s stored readings=%d", batch.batch_id, batch.readings)
+
+    def _await_confirmation(self, batch_id: str, reconnects: int) -> bool:
+        """Wait until the server confirms the batch; False after a reconnect, a stop or `confirm_timeout`."""
+        deadline = time.monotonic() + self.config.confirm_timeout
+        while not self.stopping.is_set() and self.reconnects == reconnects:
+            if self.buffer.in_flight() != batch_id:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.confirmed.wait(min(left, 1.0))
+            self.confirmed.clear()
+        return False
 
     def _send(self, batch: Batch) -> bool:
         """Publish at QoS 1 and wait for the broker's acknowledgement.
@@ -378,7 +439,8 @@ class Telemetry:
         return False
 
     def stats(self) -> dict:
-        return {**self.buffer.stats(), "sent_batches": self.sent_batches, "source_failures": self.source_failures}
+        return {**self.buffer.stats(), "sent_batches": self.sent_batches, "resent_batches": self.resent_batches,
+                "source_failures": self.source_failures}
 
 
 def _unavailable(source) -> bool:

@@ -355,9 +355,18 @@ class ReleaseMessageSchema(_Message):
     registries = fields.List(fields.Nested(RegistryCredentialsSchema), load_default=list)
 
 
-class DeploymentReportSchema(_Message):
-    """device → server: progress of one release on the reporting device."""
+# A report's own id (`rid`), which the server's confirmation names: short, opaque, chosen by the device.
+REPORT_ID = validate.Regexp(r"^[0-9A-Za-z_-]{1,64}$")
 
+
+class DeploymentReportSchema(_Message):
+    """device → server: progress of one release on the reporting device.
+
+    `rid` (optional) names the report in the server's confirmation; a device resends the
+    report until it is confirmed, so the server may receive it more than once.
+    """
+
+    rid = fields.String(load_default=None, allow_none=True, validate=REPORT_ID)
     project_id = fields.Integer(required=True)
     release_id = fields.Integer(required=True)
     version_hash = fields.String(load_default=None, allow_none=True)
@@ -383,8 +392,9 @@ class ReleaseSeqMarkerSchema(_Message):
 
 
 class StatusSchema(_Message):
-    """device → server, retained with a last will: is the agent online."""
+    """device → server, retained with a last will: is the agent online. `rid` as in a deployment report."""
 
+    rid = fields.String(load_default=None, allow_none=True, validate=REPORT_ID)
     state = fields.String(required=True, validate=validate.OneOf(("online", "offline")))
     agent_version = fields.String(load_default=None, allow_none=True)
     ts = fields.Float(load_default=None, allow_none=True)
@@ -706,6 +716,57 @@ def _plain_number(value) -> bool:
     if type(value) is float:
         return math.isfinite(value)
     return type(value) is int and -_EXACT_INT <= value <= _EXACT_INT
+
+
+# --- Confirmations (server → device) -----------------------------------------
+#
+# A report counts as delivered once the server has stored it, not once the broker took it:
+# a broker that restarts can acknowledge a report and drop it before any worker is
+# subscribed again. So the device keeps each report until a confirmation names it, and
+# sends it again after a reconnect and periodically; storing a report twice changes nothing.
+
+MAX_CONFIRMED_IDS = 1000
+
+
+class ConfirmationSchema(_Message):
+    """server → device on `confirmations`, QoS 1, not retained: reports the server is done with.
+
+    `ids` names each report stored (or refused for good, so the device stops resending it):
+    a deployment report or status by its `rid`, a telemetry batch by its `batch_id`, a
+    command's final result by the command's `id`.
+    """
+
+    ids = fields.List(fields.String(validate=validate.Length(min=1, max=64)), load_default=list,
+                      validate=validate.Length(max=MAX_CONFIRMED_IDS))
+
+
+confirmation = ConfirmationSchema()
+
+
+def confirmation_id(kind: str, payload: bytes) -> str | None:
+    """The id a confirmation names the report on a `kind` topic by, read leniently from its payload.
+
+    None when it has none: an older device's report, or one that is not a JSON object.
+    Read without the report's schema so that a report the server refused is confirmed too.
+    """
+    try:
+        document = json.loads(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    if kind == "telemetry":
+        identity = document.get("batch_id")
+    elif kind == "results":
+        # Only a final result is kept until confirmed; progress reports are sent once.
+        identity = document.get("id") if document.get("state") in FINAL_COMMAND_STATES else None
+    else:
+        identity = document.get("rid")
+    return identity if isinstance(identity, str) and 0 < len(identity) <= 64 else None
+
+
+def confirmation_payload(ids: list[str]) -> bytes:
+    return encode(confirmation, {"ids": list(ids)})
 
 
 # --- Container parameters both sides interpret the same way -----------------

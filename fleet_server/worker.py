@@ -118,6 +118,49 @@ def _keep_dead_letters(messages, reasons) -> list[Outcome]:
             for reason in reasons]
 
 
+# What the device may stop resending: everything but what waits to be stored again.
+_UNSETTLED = (Outcome.UNAVAILABLE,)
+
+
+def confirmations(messages, outcomes) -> dict[str, list[str]]:
+    """{unit_id: [report ids]} of the stored (or refused for good) reports among `messages`.
+
+    `messages` are (topic, payload, ...) in the order of `outcomes`. A report without an id
+    (an older agent's) or on a topic that names no device needs no confirmation.
+    """
+    confirmed: dict[str, list[str]] = {}
+    for (topic, payload, *_delivery), outcome in zip(messages, outcomes):
+        if outcome in _UNSETTLED:
+            continue
+        try:
+            where = wire.parse_topic(topic)
+        except wire.WireError:
+            continue
+        report_id = wire.confirmation_id(where.kind, payload)
+        if report_id is not None:
+            confirmed.setdefault(where.unit_id, []).append(report_id)
+    return confirmed
+
+
+def publish_confirmations(client, messages, outcomes) -> int:
+    """Tell each device which of its reports the batch settled: one message per device (QoS 1,
+    not retained), sent after the commit and not waited for. A lost confirmation only makes the
+    device send the report again, which stores nothing new. Returns how many were published."""
+    published = 0
+    if not client.is_connected():
+        return published
+    for unit_id, ids in confirmations(messages, outcomes).items():
+        for start in range(0, len(ids), wire.MAX_CONFIRMED_IDS):
+            try:
+                payload = wire.confirmation_payload(ids[start:start + wire.MAX_CONFIRMED_IDS])
+            except wire.WireError as exc:  # an id the contract does not allow: the device resends, harmlessly
+                log.warning("cannot confirm reports of unit_id=%s: %s", unit_id, exc)
+                continue
+            client.publish(wire.device_topic(unit_id, "confirmations"), payload, qos=1)
+            published += 1
+    return published
+
+
 class IngestWorker:
     def __init__(self, app, worker_id: str | None = None, sweep_interval: float = 1.0,
                  heartbeat_file: Path | None = None):
@@ -203,6 +246,7 @@ class IngestWorker:
             self.rejected += outcome is Outcome.REJECTED
             if qos > 0:
                 self.client.ack(mid, qos)
+        publish_confirmations(self.client, batch, outcomes)
         if retry:
             self.retry = retry
             self.retry_delay = min(10.0, max(0.5, self.retry_delay * 2))
@@ -381,6 +425,7 @@ class SessionDrain(threading.Thread):
                     self.stored += 1
                     if message.qos > 0:
                         self._client.ack(message.mid, message.qos)
+            publish_confirmations(self._client, [(message.topic, message.payload) for message in batch], outcomes)
             if Outcome.UNAVAILABLE in outcomes:
                 # What was not stored stays unacknowledged in the session, which goes back to be claimed again.
                 raise RuntimeError("database unavailable")

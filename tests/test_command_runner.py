@@ -349,8 +349,27 @@ def test_a_command_accepted_before_the_agent_stopped_is_reported_failed_at_start
     runner.start()
     runner.connected()
     eventually(lambda: agent.client.results(interrupted), 5, 0.01, message="the resent result")
-    eventually(lambda: not runner.journal.pending_results(), 5, 0.01, message="the result acknowledged")
+    time.sleep(0.3)
+    assert runner.journal.pending_results(), "the broker's acknowledgement alone must not settle a result"
+    runner.confirmed([interrupted])
+    assert not runner.journal.pending_results()
     runner.stop()
+
+
+def test_a_result_the_server_does_not_confirm_is_sent_again_until_it_does(agent, tmp_path):
+    runner = CommandRunner(agent, tmp_path / "commands")
+    runner.resend_interval = 0.2
+    runner.start()
+    try:
+        message = _message(agent.unit_id, "test.ping")
+        runner.handle_message(None, message)
+        eventually(lambda: len(_final(agent, message.id)) >= 3, 5, 0.02, message="the result sent three times")
+        runner.confirmed([message.id])
+        sent = len(_final(agent, message.id))
+        time.sleep(0.6)
+        assert len(_final(agent, message.id)) == sent
+    finally:
+        runner.stop()
 
 
 def test_last_logs_returns_the_newest_lines_at_or_above_a_level(agent):

@@ -33,12 +33,12 @@ def test_batches_take_the_oldest_readings_up_to_the_batch_size(tmp_path):
     buffer.add(readings(10))
     first = buffer.next_batch()
     assert values(first) == [0.0, 1.0, 2.0, 3.0]
-    buffer.mark_sent(first.batch_id)
+    assert buffer.mark_stored([first.batch_id]) == 1
     second = buffer.next_batch()
     assert values(second) == [4.0, 5.0, 6.0, 7.0] and second.batch_id != first.batch_id
 
 
-def test_an_unacknowledged_batch_is_sent_again_with_the_same_id_and_bytes_even_after_a_restart(tmp_path):
+def test_an_unconfirmed_batch_is_sent_again_with_the_same_id_and_bytes_even_after_a_restart(tmp_path):
     buffer = TelemetryBuffer(tmp_path / "t.db", capacity=100, batch_size=4)
     buffer.add(readings(6))
     first = buffer.next_batch()

@@ -30,7 +30,7 @@ SERVER_ROLE = "fleet-server"
 # The one place a device topic is added: the device's and the server's roles are built from
 # these, and every worker start brings existing roles up to date (`update_roles`), so devices
 # registered under older rules follow.
-DEVICE_KINDS_IN = ("releases/#", "commands")
+DEVICE_KINDS_IN = ("releases/#", "commands", "confirmations")
 DEVICE_KINDS_OUT = ("results", "deployments", "telemetry", "status")
 
 
@@ -48,7 +48,7 @@ def _acl(acltype: str, topic: str) -> dict:
 
 
 def device_role_acls(unit_id: str) -> list[dict]:
-    """Subscribe to its releases and commands; publish its results, deployments, telemetry, status.
+    """Subscribe to its releases, commands and confirmations; publish its results, deployments, telemetry, status.
 
     Everything else falls to the store's defaults: publishing and subscribing denied.
     """
