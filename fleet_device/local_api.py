@@ -35,9 +35,6 @@ from .telemetry import reading_from_request
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1024 * 1024
-# Deeper than any body Fleet takes (a command's arguments, a list of readings); json.loads
-# would otherwise recurse until RecursionError.
-MAX_NESTING = 32
 # Seconds a client may take to send its request: a half-sent request must not hold a thread forever.
 SOCKET_TIMEOUT = 30
 TOKEN_FILE = "local-api.token"
@@ -160,8 +157,6 @@ def build_gate(bind_host: str, state_dir: Path, origins=(), host_names=()) -> Ga
 # --- bodies --------------------------------------------------------------------------
 
 _CONTENT_LENGTH = re.compile(r"^[0-9]{1,16}$")
-# A JSON string (escapes included) or one bracket: what nesting depth is counted from.
-_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
 
 
 def body_length(headers) -> int:
@@ -182,46 +177,12 @@ def body_length(headers) -> int:
     return length
 
 
-def nests_deeper_than(raw: bytes, limit: int) -> bool:
-    """Whether arrays and objects in a JSON text nest deeper than `limit` (brackets inside strings do not count)."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False  # too few brackets to nest that deep: no scan needed
-    depth = 0
-    for match in _STRING_OR_BRACKET.finditer(raw):
-        token = match.group()
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > limit:
-                return True
-        elif token in (b"]", b"}"):
-            depth -= 1
-    return False
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def load_body(raw: bytes):
-    """The JSON in a request body, strictly: LocalApiError 400 for anything Fleet could not pass on."""
+    """The JSON in a request body, by the wire contract's rules (`wire.load_json`): LocalApiError 400 naming why."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LocalApiError(400, f"the body is not UTF-8 (byte {exc.start})") from None
-    if nests_deeper_than(raw, MAX_NESTING):
-        raise LocalApiError(400, f"the body nests arrays and objects deeper than {MAX_NESTING} levels")
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:  # the depth check above should make this unreachable
-        raise LocalApiError(400, "the body nests too deeply") from None
-    except ValueError as exc:
-        raise LocalApiError(400, f"the body is not JSON: {exc}") from None
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise LocalApiError(400, "the body holds a lone surrogate escape (such as \\ud800), which is not text") \
-            from None
-    return value
+        return wire.load_json(raw)
+    except wire.UnstorableJSON as exc:
+        raise LocalApiError(400, f"the body is refused: {exc}") from None
 
 
 # --- routes --------------------------------------------------------------------------
