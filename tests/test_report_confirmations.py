@@ -99,7 +99,7 @@ def test_past_the_limit_the_oldest_report_is_dropped_and_counted(tmp_path):
 def test_a_report_that_does_not_fit_its_schema_is_refused_before_it_is_kept(tmp_path):
     reports = PendingReports(tmp_path / "reports", Published())
     with pytest.raises(wire.WireError, match="state"):
-        reports.send("deployments", deployment(state="exploded"))
+        reports.send("deployments", deployment(state="not a state"))
     assert not reports.pending()
 
 
@@ -154,11 +154,11 @@ def test_the_worker_confirms_each_devices_settled_reports_by_their_ids():
         (wire.device_topic(b, "deployments"), b"not json"),
         (wire.device_topic(a, "deployments"), json.dumps({"rid": "refused"}).encode()),
         (wire.device_topic(a, "deployments"), json.dumps({"rid": "db-down"}).encode()),
-        (wire.device_topic(a, "deployments"), json.dumps({"rid": "failed"}).encode()),
+        (wire.device_topic(a, "deployments"), json.dumps({"rid": "kept-as-dead-letter"}).encode()),
         ("not/a/device/topic", json.dumps({"rid": "x"}).encode()),
     ]
-    outcomes = [Outcome.STORED] * 6 + [Outcome.REJECTED, Outcome.UNAVAILABLE, Outcome.FAILED, Outcome.REJECTED]
-    assert confirmations(messages, outcomes) == {a: ["r1", batch_id, "refused"], b: [command_id]}
+    outcomes = [Outcome.STORED] * 6 + [Outcome.REJECTED, Outcome.UNAVAILABLE, Outcome.REJECTED, Outcome.REJECTED]
+    assert confirmations(messages, outcomes) == {a: ["r1", batch_id, "refused", "kept-as-dead-letter"], b: [command_id]}
 
 
 def test_a_confirmation_payload_follows_the_contract():
