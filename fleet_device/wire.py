@@ -177,7 +177,7 @@ def _dotted(path: tuple) -> str:
     return ".".join(str(part) for part in path)
 
 
-# --- Values that reach the device's filesystem or engine (issue 8: security) ---
+# --- Values that reach the device's filesystem or engine ---
 # The agent checks these itself too: a release document must not be able to walk out of a
 # path or point the engine at a surprising place, whoever wrote it.
 
@@ -775,7 +775,7 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
 def parse_environment(text: str) -> dict[str, str]:
-    """Parse the seed's environment string (`KEY='value' OTHER=x`) shell-style.
+    """Parse AutoPi's environment string (`KEY='value' OTHER=x`) shell-style.
 
     Raises WireError naming the first word that is not KEY=VALUE.
     """

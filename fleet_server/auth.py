@@ -32,8 +32,8 @@ def require_token():
         raise Forbidden(f"token {token.id} has the viewer role, which may only read")
 
 
-def require_admin():
-    """before_request hook of token management."""
+def require_admin(purpose: str):
+    """before_request hook of the admin-only resources; `purpose` names what needs admin in the refusal."""
     token = authenticate()
     if token.role != "admin":
-        raise Forbidden(f"token {token.id} has the {token.role} role; managing tokens needs admin")
+        raise Forbidden(f"token {token.id} has the {token.role} role; {purpose} needs admin")

@@ -1,4 +1,6 @@
 """The Blueprint every resource uses: 400 for bad input, and the API token check."""
+import functools
+
 import flask_smorest
 from flask_smorest.utils import resolve_schema_instance
 from webargs import core
@@ -9,7 +11,7 @@ from .json_rules import request_json
 
 
 class Parser(FlaskParser):
-    # The seed's API answers bad input with 400, not webargs' default 422.
+    # AutoPi's API answers bad input with 400, not webargs' default 422.
     DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req):
@@ -21,10 +23,11 @@ class Parser(FlaskParser):
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = Parser()
 
-    def __init__(self, *args, public=False, admin_only=False, **kwargs):
+    def __init__(self, *args, public=False, admin_only: str | None = None, **kwargs):
+        """`admin_only`: what the resource is for ("managing tokens"), named when a lesser token is refused."""
         super().__init__(*args, **kwargs)
         if admin_only:
-            self.before_request(require_admin)
+            self.before_request(functools.partial(require_admin, admin_only))
         elif not public:
             self.before_request(require_token)
 

@@ -84,7 +84,7 @@ def from_environment(environ=None) -> dict:
         "FLEET_WORKER_ADOPT_AFTER": _float(environ, "FLEET_WORKER_ADOPT_AFTER", 30.0),
         "FLEET_VAR_DIR": str(var_dir),
         "FLEET_SECRET_KEY": environ.get("FLEET_SECRET_KEY") or None,
-        # Security (issue 8): TLS to the broker, the dynsec admin account that manages device
+        # Security: TLS to the broker, the dynsec admin account that manages device
         # accounts, what registering devices are told, and the origins CORS lets in.
         "FLEET_MQTT_CA_FILE": environ.get("FLEET_MQTT_CA_FILE") or None,
         "FLEET_DYNSEC_USERNAME": environ.get("FLEET_DYNSEC_USERNAME") or None,

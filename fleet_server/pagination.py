@@ -1,4 +1,4 @@
-"""Limit/offset pagination with a total count, in the envelope the seed's API uses."""
+"""Limit/offset pagination with a total count, in the envelope AutoPi's API uses."""
 from json.encoder import encode_basestring_ascii
 from urllib.parse import urlencode
 

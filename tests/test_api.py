@@ -70,7 +70,7 @@ def test_registering_a_device_returns_uuid_id_and_unit_id(client, auth):
     assert client.get(f"/dongle/devices/{body['id']}/", headers=auth).get_json()["unit_id"] == body["unit_id"]
 
 
-def test_a_release_has_the_seed_fields(client, auth, project, device):
+def test_a_release_has_autopis_fields(client, auth, project, device):
     body = release_payload([device["id"]], "curveball", "delta-base-r0.0.0.1", name="curveball", required_tags=["base"])
     body["remove_containers"] = ["curveball"]
     response = client.post(_release_url(project), json=body, headers=auth)

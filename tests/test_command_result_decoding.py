@@ -53,11 +53,11 @@ def test_the_usual_report_takes_the_plain_path_and_gives_what_the_schema_gives()
     assert type(loaded["finished_at"]) is float
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_any_report_decodes_to_exactly_what_the_schema_makes_of_it(seed):
+@pytest.mark.parametrize("rng_state", range(4))
+def test_any_report_decodes_to_exactly_what_the_schema_makes_of_it(rng_state):
     """Whatever the plain check takes gives the schema's dict; whatever it leaves goes to the schema,
     which accepts the rarer spellings or names what is wrong."""
-    rng = random.Random(seed)
+    rng = random.Random(rng_state)
     for document in _variants(500, rng):
         payload = json.dumps(document).encode()
         assert _decoded(payload) == _schema_outcome(payload), document

@@ -1,4 +1,4 @@
-"""The logbook on a real database: batches stored through the ingest path, read back as the seed shows."""
+"""The logbook on a real database: batches stored through the ingest path, read back as AutoPi's logbook shows."""
 import importlib.util
 import json
 import random
@@ -55,7 +55,7 @@ def read(client, auth, device, **params):
     return client.get(READ, query_string=query, headers=auth)
 
 
-def test_positions_come_back_in_the_seed_shape(client, auth, device, send):
+def test_positions_come_back_in_autopis_shape(client, auth, device, send):
     assert send([
         position("2020-07-09T10:11:59.248421Z", 57.04697, 9.93808),
         position("2020-07-09T10:11:53.811839Z", 57.04699, 9.93909),
@@ -70,7 +70,7 @@ def test_positions_come_back_in_the_seed_shape(client, auth, device, send):
     ]
 
 
-def test_battery_voltage_averaged_per_ten_minutes_comes_back_in_the_seed_shape(client, auth, device, send):
+def test_battery_voltage_averaged_per_ten_minutes_comes_back_in_autopis_shape(client, auth, device, send):
     assert send([
         voltage("2020-07-09T10:03:37.566Z", 13.25),
         voltage("2020-07-09T10:03:41.415Z", 13.75),

@@ -45,7 +45,7 @@ def test_the_openapi_document_is_valid_openapi_3(spec):
     assert spec["openapi"].startswith("3.")
 
 
-def test_every_seed_endpoint_is_documented(spec):
+def test_every_autopi_endpoint_is_documented(spec):
     paths = spec["paths"]
     expected = {
         "/docker/registries/": {"get", "post"},
@@ -66,7 +66,7 @@ def test_every_seed_endpoint_is_documented(spec):
             assert "default" in paths[path][method]["responses"], (path, method)  # the error shape
 
 
-def test_the_seed_release_payload_is_the_documented_example(spec):
+def test_autopis_release_payload_is_the_documented_example(spec):
     body = spec["paths"]["/docker/projects/{project_pk}/releases/"]["post"]["requestBody"]["content"]["application/json"]
     assert body["example"]["containers"][0]["name"] == "curveball"
     assert body["example"]["remove_containers"] == ["curveball", "ravendb"]
@@ -88,7 +88,7 @@ def test_the_docs_page_loads_its_assets_from_this_server_only(live):
     assert live.get("/openapi.json").json()["info"]["title"] == "Fleet"
 
 
-def _seed(live):
+def _populate(live):
     """Something for the item endpoints to find: a registry, project, device, release and token."""
     registry = live.post("/docker/registries/", json={"name": "r", "url": "127.0.0.1:5000"}).json()
     project = live.post("/docker/projects/", json={"name": "p"}).json()
@@ -100,7 +100,7 @@ def _seed(live):
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(live):
-    _seed(live)
+    _populate(live)
     schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
     headers = {"Authorization": f"APIToken {live.token}"}
     failures = []

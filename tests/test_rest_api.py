@@ -193,7 +193,7 @@ def test_deleting_the_newest_release_falls_back_to_the_previous_one(live, broker
     assert retained(broker, wire.release_topic(device["unit_id"], project["id"]))["release"] is None
 
 
-def test_environment_is_accepted_as_an_object_and_returned_as_the_seed_string(live, project, device):
+def test_environment_is_accepted_as_an_object_and_returned_as_autopis_string(live, project, device):
     params = {"environment": {"GREETING": "hello world", "N": 3}, "binds": [], "network_mode": "host",
               "restart_policy": "on-failure:3", "privileged": False}
     release = create_release(live, project, [device], startup_parameters=params)

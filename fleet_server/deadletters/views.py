@@ -1,26 +1,17 @@
 """HTTP endpoints for /ingest/dead-letters/ (admin tokens only)."""
 from flask.views import MethodView
 
-from ..auth import authenticate
 from ..blueprint import Blueprint
-from ..errors import Forbidden, NotFound
+from ..errors import NotFound
 from ..pagination import paginate
 from . import service
 from .schemas import DeadLetterArgs, DeadLetterPage, DeadLetterSchema
 
-# The admin check is this package's own (not the blueprint's admin_only), so a refusal names dead letters.
 blp = Blueprint(
-    "dead_letters", __name__, url_prefix="/ingest/dead-letters", public=True,
+    "dead_letters", __name__, url_prefix="/ingest/dead-letters", admin_only="reading dead letters",
     description="Device reports the ingest worker could not store (malformed, or refused by the database), "
                 "newest first; the newest FLEET_DEAD_LETTERS_KEPT are kept. Needs an admin token.",
 )
-
-
-@blp.before_request
-def _require_admin():
-    token = authenticate()
-    if token.role != "admin":
-        raise Forbidden(f"token {token.id} has the {token.role} role; reading dead letters needs admin")
 
 
 @blp.route("/")

@@ -109,7 +109,7 @@ def _iso(ts_us: int, timespec: str) -> str:
 
 
 def read_series_json(args: dict) -> str:
-    """The readings of one field of one device in [from_utc, to_utc) as the JSON text the seed's logbook returns."""
+    """The readings of one field of one device in [from_utc, to_utc) as the JSON text AutoPi's logbook returns."""
     start, end = _epoch_us(args["from_utc"]), _epoch_us(args["to_utc"])
     if args["aggregation"]:
         reading = TelemetryReading.__table__.c

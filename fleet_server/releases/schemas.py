@@ -69,7 +69,7 @@ def _unique(what):
 
 
 class Environment(fields.Field):
-    """The seed's shell-style string (`KEY='v' K2=v2`), or an object {KEY: value}; stored as the string."""
+    """AutoPi's shell-style string (`KEY='v' K2=v2`), or an object {KEY: value}; stored as the string."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):

@@ -9,7 +9,7 @@ from . import service
 from .schemas import CreatedTokenSchema, TokenPage, TokenSchema
 
 blp = Blueprint(
-    "tokens", __name__, url_prefix="/auth/tokens", admin_only=True,
+    "tokens", __name__, url_prefix="/auth/tokens", admin_only="managing tokens",
     description="API tokens: the value is shown once at creation and stored only as a hash. Needs an admin token.",
 )
 
