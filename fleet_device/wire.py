@@ -182,11 +182,13 @@ def _dotted(path: tuple) -> str:
 # path or point the engine at a surprising place, whoever wrote it.
 
 _SAFE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-_REGISTRY_URL = re.compile(
+# Written so that it means the same to Python and to JSON Schema (the API document publishes it).
+REGISTRY_URL_PATTERN = (
     r"^(?:https?://)?"
-    r"(?P<host>[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)*"
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)*"
     r"|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?/?$"
 )
+_REGISTRY_URL = re.compile(REGISTRY_URL_PATTERN)
 
 
 def check_container_name(name: str) -> None:
@@ -213,7 +215,7 @@ def check_registry_url(url: str) -> None:
     The one grammar of registry addresses: the server's API validates with it too, so a release
     it accepts is never refused on the device.
     """
-    if not isinstance(url, str) or not _REGISTRY_URL.match(url):
+    if not isinstance(url, str) or not _REGISTRY_URL.fullmatch(url):
         # The address itself is not repeated: it may hold a password.
         raise ValidationError(f"not a registry address ([https://]host[:port]){_registry_url_flaw(url)}")
 

@@ -34,9 +34,12 @@ def _bin(name):
     return str(Path(sys.executable).parent / name)
 
 
-def _wait_for(url, seconds, what):
+def _wait_for(url, seconds, what, process=None):
+    """Wait for `url` to answer; a `process` that exits meanwhile is left to `Stack.watch` to restart."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return
         try:
             if requests.get(url, timeout=2).status_code < 500:
                 return
@@ -164,13 +167,13 @@ class Stack:
         device_id, unit_id = self.local_device(api)
         device_dir = self.var / "device"
         # Unit id, broker URL (TLS), account and CA all come from the identity `register` stored.
-        self.spawn("device", [
+        device = self.spawn("device", [
             _bin("fleet-device"), "run",
             "--state-dir", str(device_dir / "state"),
             "--api", f"127.0.0.1:{self.device_port}",
             "--minion-id-file", str(device_dir / "minion_id"),
         ])
-        _wait_for(f"http://127.0.0.1:{self.device_port}/", 30, "the device agent")
+        _wait_for(f"http://127.0.0.1:{self.device_port}/", 30, "the device agent", process=device)
         print(
             f"""
 Fleet is running.
@@ -201,7 +204,7 @@ A component that exits is restarted. Ctrl-C stops everything.
                     if name not in due and process.poll() is not None:
                         due[name] = time.monotonic() + self.back_off(name)
                         print(f"{name} exited with code {process.returncode}; restarting it in "
-                              f"{due[name] - time.monotonic():.0f} s (log: {self.var / (name + '.log')})",
+                              f"{max(0.0, due[name] - time.monotonic()):.0f} s (log: {self.var / (name + '.log')})",
                               file=sys.stderr, flush=True)
                 for name, when in list(due.items()):
                     if time.monotonic() >= when:

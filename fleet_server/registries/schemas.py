@@ -1,7 +1,7 @@
 """Registry payloads. The password is write-only: it is loaded, never dumped."""
 from marshmallow import fields, validate
 
-from fleet_device.wire import check_registry_url
+from fleet_device.wire import REGISTRY_URL_PATTERN, check_registry_url
 
 from ..pagination import page_schema
 from ..schemas import StrictSchema
@@ -13,7 +13,7 @@ class RegistrySchema(StrictSchema):
     url = fields.String(
         required=True,
         validate=[validate.Length(min=1, max=500), check_registry_url],
-        metadata={"example": "registry.example.com:5000",
+        metadata={"example": "registry.example.com:5000", "pattern": REGISTRY_URL_PATTERN,
                   "description": "`[http(s)://]host[:port]`, as the agent accepts it: no credentials "
                                  "(use username and password), path, query or fragment."},
     )
