@@ -1,7 +1,7 @@
 """Fleet simulator: thousands of devices on loopback, each a real fleet_device.agent.Agent without containers.
 
 Every simulated device is the agent's own code — its paho client set-up, its message
-handling (fleet_device.wire decoding, fleet_device.state.ReleaseQueue written atomically,
+handling (fleet_wire decoding, fleet_device.state.ReleaseQueue written atomically,
 the `queued` report, the manual acknowledgement) and its reconnection policy — with the
 Docker side left out. A few processes hold all of them; in `fanout` each process drives
 its clients' sockets from one selector loop (10,000 paho threads would measure the
@@ -53,7 +53,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E40
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from fleet_device import wire  # noqa: E402
+import fleet_wire as wire  # noqa: E402
 from fleet_device.agent import Agent, AgentConfig  # noqa: E402
 from fleet_device.telemetry import TelemetryConfig  # noqa: E402
 

@@ -25,7 +25,7 @@ from sqlalchemy import event
 from harness import REPO  # noqa: F401  (puts the checkout on sys.path)
 from telemetry import postgresql
 
-from fleet_device import wire
+import fleet_wire as wire
 
 BATCH = 500
 ROUNDS = 3

@@ -15,7 +15,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import __version__, logbuffer, wire
+import fleet_wire as wire
+
+
+from . import __version__, logbuffer
 from .commands import ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .execution import CommandRunner

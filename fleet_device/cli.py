@@ -14,7 +14,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from . import __version__, wire
+import fleet_wire as wire
+
+
+from . import __version__
 
 log = logging.getLogger("fleet_device")
 

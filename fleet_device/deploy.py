@@ -22,7 +22,10 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from . import release_policy, wire
+import fleet_wire as wire
+
+
+from . import release_policy
 from .release_policy import ReleasePolicy
 from .state import Journal
 

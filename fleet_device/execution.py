@@ -48,7 +48,10 @@ from pathlib import Path
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import commands, wire
+import fleet_wire as wire
+
+
+from . import commands
 from .state import open_private_append, private_directory, write_atomically
 
 log = logging.getLogger(__name__)

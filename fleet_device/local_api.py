@@ -27,7 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from . import wire
+import fleet_wire as wire
 from .provisioning import is_loopback
 from .state import private_directory, write_atomically
 from .telemetry import reading_from_request

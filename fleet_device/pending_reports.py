@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import wire
+import fleet_wire as wire
 from .state import read_json, write_atomically
 
 log = logging.getLogger(__name__)

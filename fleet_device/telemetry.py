@@ -29,7 +29,7 @@ from pathlib import Path
 
 from marshmallow import ValidationError
 
-from . import wire
+import fleet_wire as wire
 from .state import create_private_file, private_directory
 
 log = logging.getLogger(__name__)

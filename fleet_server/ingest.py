@@ -4,7 +4,7 @@ import logging
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from .driver_statements import DriverStatement
 from .extensions import db

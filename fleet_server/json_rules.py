@@ -2,7 +2,7 @@
 from flask.json.provider import DefaultJSONProvider
 from webargs import core
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from .errors import ValidationError
 

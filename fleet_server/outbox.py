@@ -26,7 +26,7 @@ import time
 
 from flask import current_app
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from .extensions import db
 from .models import Device, Publication, Release, ReleaseSeqState, ReleaseTopic, release_devices, utcnow

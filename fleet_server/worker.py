@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from . import broker_accounts, ingest, outbox, worker_sessions
 from .commands import service as commands

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import broker_accounts
 from fleet_server.broker_accounts.bootstrap import make_certificate_authority, make_server_certificate
 from tests.support.stack import eventually

@@ -5,8 +5,9 @@ import random
 import uuid
 
 import pytest
+from marshmallow import ValidationError
 
-from fleet_device import wire
+import fleet_wire as wire
 
 USUAL = {"v": 1, "id": "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "state": "succeeded", "return": {"ok": [1, None]},
          "error": None, "truncated": False, "started_at": 1700000000.25, "finished_at": 1700000001, "ts": 1700000001.5}
@@ -23,7 +24,7 @@ def _schema_outcome(payload: bytes):
         return f"payload refused: {exc}"
     try:
         return wire.command_result.load(document)
-    except wire.ValidationError as exc:
+    except ValidationError as exc:
         return f"payload is invalid: {exc.messages}"
 
 

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleet_device import commands, logbuffer, wire
+import fleet_wire as wire
+
+from fleet_device import commands, logbuffer
 from fleet_device.execution import CommandJournal, CommandRunner, cap_output
 from tests.support.stack import eventually
 

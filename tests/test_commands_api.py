@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import ingest
 from fleet_server.commands import service
 from fleet_server.commands.models import Command

@@ -8,7 +8,7 @@ import pytest
 import requests
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.infra import build_busybox_variant
 from tests.support.stack import eventually, release_payload, running_stack
 

@@ -10,7 +10,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import broker_accounts, models
 from fleet_server.deadletters import service as dead_letters
 from fleet_server.extensions import db

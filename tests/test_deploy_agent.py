@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.deploy import message, owned_containers, release, spec, workload
 from tests.support.infra import close_mqtt, connect_mqtt, free_port, subscribe_and_wait
 from tests.support.stack import Process, _answers, _command, eventually, remove_agent_containers

@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import event
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import ingest
 from fleet_server.extensions import db
 from fleet_server.models import Deployment

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server.ingest import handle_message
 from tests.support.stack import release_payload
 

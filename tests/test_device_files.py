@@ -10,7 +10,7 @@ import pytest
 import requests
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.device_agent import start_agent
 from tests.support.stack import eventually
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import ingest
 from tests.support.infra import build_busybox_variant
 from tests.support.stack import eventually, release_payload

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleet_device import commands, logbuffer, wire
+import fleet_wire as wire
+
+from fleet_device import commands, logbuffer
 from fleet_device.execution import CommandRunner
 from tests.support.stack import release_payload
 

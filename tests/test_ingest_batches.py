@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server.worker import IngestWorker
 from tests.support.infra import close_mqtt, connect_mqtt
 from tests.support.stack import add_release_for_new_devices, eventually

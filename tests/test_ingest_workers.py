@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.infra import close_mqtt, connect_mqtt
 from tests.support.stack import Process, _command, _run, add_release_for_new_devices, eventually, server_env
 

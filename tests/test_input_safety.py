@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import ingest
 from fleet_server.extensions import db
 from fleet_server.models import Deployment, Device

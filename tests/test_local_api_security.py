@@ -17,7 +17,7 @@ import pytest
 import requests
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.device_agent import start_agent, this_machines_lan_address
 from tests.support.infra import free_port
 from tests.support.stack import _command, eventually

@@ -8,8 +8,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from marshmallow import ValidationError
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import ingest
 from fleet_server.extensions import db
 from fleet_server.logbook import service
@@ -282,7 +283,7 @@ def test_huge_whole_values_aggregate_to_exact_integers(client, auth, device, sen
 @pytest.mark.parametrize("kind, value", [("long", 1e308), ("long", 2 ** 63), ("int", -(2 ** 63) - 1), ("long", 10 ** 20)])
 def test_a_whole_reading_beyond_signed_64_bits_is_refused_at_ingest_naming_the_value(app, device, kind, value):
     reading = voltage("2020-07-09T10:00:01Z", value, "counter", kind)
-    with pytest.raises(wire.ValidationError) as refused:
+    with pytest.raises(ValidationError) as refused:
         wire.check_reading(reading)
     assert "signed 64-bit" in refused.value.messages["value"][0]
     payload = json.dumps({"v": 1, "batch_id": uuid.uuid4().hex, "readings": [reading]}).encode()

@@ -2,7 +2,7 @@
 import pytest
 from marshmallow import ValidationError
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.test_rest_api import assert_error
 
 REFUSED = {

@@ -6,7 +6,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.infra import build_busybox_variant
 from tests.support.stack import eventually, release_payload
 

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_device.deploy import DeployError, Deployer
 from fleet_device.release_policy import DATA_ROOT, LOCK_ROOT, ReleasePolicy
 from fleet_server.app import create_app

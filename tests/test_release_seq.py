@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from flask.cli import ScriptInfo
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_device.state import ReleaseQueue
 from tests.support.infra import LOOPBACK, build_busybox_variant, close_mqtt, connect_mqtt, free_port, \
     subscribe_and_wait, wait_for_mqtt

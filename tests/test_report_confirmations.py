@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks.fleet_sim import Fleet
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_device.pending_reports import PendingReports
 from fleet_device.telemetry import Telemetry, TelemetryConfig
 from fleet_server import broker_accounts

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from tests.support.infra import close_mqtt, connect_mqtt, subscribe_and_wait
 from tests.support.stack import release_payload
 

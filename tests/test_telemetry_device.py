@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_device.telemetry import (
     FileSource, SourceUnavailable, TelemetryBuffer, parse_file_source, position_from_gpsd, reading_from_request,
 )

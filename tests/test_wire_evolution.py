@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_device import wire
+import fleet_wire as wire
 from fleet_server import broker_accounts
 from tests.support.stack import eventually, release_payload, running_stack
 

@@ -13,7 +13,7 @@ import secrets
 
 from flask import current_app, has_app_context
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from ..config import mqtt_endpoint
 from .control import BrokerAccountError, CommandFailed, DynSecControl

@@ -1,7 +1,7 @@
 """Command payloads: what an operator posts, and the command with its result as it is read back."""
 from marshmallow import fields, validate
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from ..pagination import page_schema
 from ..schemas import StrictSchema

@@ -17,7 +17,7 @@ from flask import current_app
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from ..devices.service import get_device
 from ..driver_statements import DriverStatement

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from flask import current_app
 
-from fleet_device import wire
+import fleet_wire as wire
 
 from ..extensions import db
 from ..models import DeadLetter

@@ -4,7 +4,7 @@ from datetime import timezone
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from fleet_device.wire import FIELD_NAME, GEO_POINT, TELEMETRY_TYPES
+from fleet_wire import FIELD_NAME, GEO_POINT, TELEMETRY_TYPES
 
 from ..schemas import StrictSchema
 

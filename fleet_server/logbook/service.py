@@ -9,7 +9,7 @@ from functools import lru_cache
 from sqlalchemy import Numeric, cast, func, insert, text
 from sqlalchemy.exc import DBAPIError
 
-from fleet_device.wire import GEO_POINT, INTEGER_TYPES
+from fleet_wire import GEO_POINT, INTEGER_TYPES
 
 from ..driver_statements import DriverStatement
 from ..errors import ValidationError

@@ -1,7 +1,7 @@
 """Registry payloads. The password is write-only: it is loaded, never dumped."""
 from marshmallow import fields, validate
 
-from fleet_device.wire import REGISTRY_URL_PATTERN, check_registry_url
+from fleet_wire import REGISTRY_URL_PATTERN, check_registry_url
 
 from ..pagination import page_schema
 from ..schemas import StrictSchema

@@ -4,7 +4,7 @@ import shlex
 
 from marshmallow import ValidationError, fields, validate, validates
 
-from fleet_device.wire import WireError, check_bind, parse_environment
+from fleet_wire import WireError, check_bind, parse_environment
 
 from ..pagination import page_schema
 from ..schemas import PaginationArgs, StrictSchema
