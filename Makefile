@@ -1,6 +1,8 @@
 # Provisioning, Docker engine start-up and the test/dev entry points for Fleet.
 #
-#   make install   apt packages (only the missing ones), .venv, editable install
+#   make install   apt packages (only the missing ones), .venv, editable install, and the
+#                  wheelhouse (var/wheelhouse: wheels of the agent's dependencies and of the
+#                  build backend, for installing the agent without the package index)
 #   make engine    start dockerd (loopback-only published ports) unless one answers
 #   make test      install + engine, then pytest $(PYTEST_ARGS); the tests start their own
 #                  throwaway PostgreSQL cluster (Debian's postgresql, on a free loopback port)
@@ -20,6 +22,8 @@ VENV         := .venv
 PYTHON       := $(VENV)/bin/python
 STAMP        := $(VENV)/.installed
 VAR          := var
+WHEELHOUSE   := $(VAR)/wheelhouse
+WHEELS_STAMP := $(WHEELHOUSE)/.built
 ENGINE_LOG   := $(VAR)/dockerd.log
 ENGINE_WAIT  ?= 60
 PYTEST_ARGS  ?=
@@ -32,7 +36,7 @@ TEST_ENV := TESTCONTAINERS_RYUK_DISABLED=true \
 
 .PHONY: install packages engine test run
 
-install: packages $(STAMP)
+install: packages $(STAMP) $(WHEELS_STAMP)
 
 # `dpkg -s` also succeeds for removed packages whose config files remain, so
 # the status itself is compared; it is read whole first because under
@@ -56,6 +60,14 @@ $(STAMP): setup.cfg setup.py
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Rebuilt from nothing when setup.cfg changes, so no wheel of a dropped dependency
+# lingers; the project's own wheel is removed, since tests build it from the tree.
+$(WHEELS_STAMP): setup.cfg setup.py | $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(PYTHON) -m pip wheel --quiet --wheel-dir $(WHEELHOUSE) '.[device]' setuptools wheel
+	rm -f $(WHEELHOUSE)/fleet_containers-*.whl
 	touch $@
 
 # An engine started elsewhere (e.g. by the apt package's init script) is used
