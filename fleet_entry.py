@@ -40,6 +40,11 @@ def missing_requirements(extra: str) -> list[str]:
     return [name for name in requirement_names(requires, extra) if not _installed(name)]
 
 
+def _first_few(names: list[str], shown: int = 3) -> str:
+    rest = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {rest} more" if rest > 0 else "")
+
+
 def _run(script: str, extra: str, module: str):
     # Checked before the side's command is imported, so a missing dependency is
     # named in one line rather than by a traceback from somewhere inside it.
@@ -54,7 +59,7 @@ def _run(script: str, extra: str, module: str):
             missing = [exc.name]
     if missing:
         print(f"{script} needs the {extra} extra: pip install '{DISTRIBUTION}[{extra}]' "
-              f"(missing: {', '.join(missing)})", file=sys.stderr)
+              f"(missing: {_first_few(missing)})", file=sys.stderr)
         return 1
     return main()
 

@@ -122,3 +122,13 @@ def test_the_proxy_serves_the_api_over_https_only_and_enforces_the_body_cap(comp
     assert too_big.status_code == 413 and too_big.json()["code"] == 413
     # The API's port is not published: the only way in is the proxy.
     assert project.run("port", "api", "8000", check=False).stdout.strip() in ("", ":0")
+
+
+def test_the_demo_device_image_holds_the_agent_without_the_server(compose_stack):
+    project, _api, _unit_id = compose_stack
+    assert project.run("exec", "-T", "device", "python3", "-c", "import fleet_device.agent").returncode == 0
+    for module in ("fleet_server", "flask", "sqlalchemy"):
+        imported = project.run("exec", "-T", "device", "python3", "-c", f"import {module}", check=False)
+        assert "ModuleNotFoundError" in imported.stderr, module
+    served = project.run("exec", "-T", "device", "fleet-server", "--help", check=False)
+    assert served.returncode == 1 and "needs the server extra" in served.stderr, served.stderr
