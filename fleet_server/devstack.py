@@ -223,15 +223,19 @@ A component that exits is restarted. Ctrl-C stops everything.
         self.restarts[name] = recent + [now]
         return 0.0 if not recent else min(30.0, 2.0 ** (len(recent) - 1))
 
-    def stop(self):
+    def stop(self, grace: float = 10.0):
+        """SIGTERM to every component, then SIGKILL to those still running `grace` seconds later."""
         for name, process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()
+        deadline = time.monotonic() + grace
         for name, process in reversed(self.processes):
             try:
-                process.wait(15)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                print(f"{name} did not stop within {grace:.0f} s; killing it", file=sys.stderr, flush=True)
                 process.kill()
+                process.wait()
         print("stopped", flush=True)
 
 
