@@ -19,9 +19,9 @@ import fleet_wire as wire
 
 
 from . import __version__, logbuffer
-from .commands import ContainerScope
+from .commands.registry import ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
-from .execution import CommandRunner
+from .commands.runner import CommandRunner
 from .release_policy import ReleasePolicy
 from .pending_reports import DEFAULT_LIMIT, DEFAULT_RESEND_INTERVAL, PendingReports
 from .state import RegistryStore, ReleaseQueue
@@ -356,8 +356,7 @@ class Agent:
         return self._record(message, Outcome(project_id, release_id, "succeeded", "verify", detail))
 
     def _settled(self, project_id: int) -> bool:
-        record = self.deployer.journal.load(project_id)
-        return record is None or record.get("phase") in ("succeeded", "rolled_back")
+        return self.deployer.settled(project_id)
 
     def _record(self, message: dict, outcome: Outcome) -> Outcome:
         """Make the outcome durable (applied release, queue), then drop the journal, then report."""

@@ -19,8 +19,8 @@ from typing import Callable
 
 from docker.errors import DockerException, NotFound
 
-from . import __version__
-from .deploy import LABEL_PROJECT, LABEL_UNIT
+from .. import __version__
+from ..deploy import LABEL_PROJECT, LABEL_UNIT
 
 log = logging.getLogger(__name__)
 

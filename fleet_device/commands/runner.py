@@ -51,8 +51,8 @@ from paho.mqtt.properties import Properties
 import fleet_wire as wire
 
 
-from . import commands
-from .state import open_private_append, private_directory, write_atomically
+from . import registry as commands
+from ..state import open_private_append, private_directory, write_atomically
 
 log = logging.getLogger(__name__)
 
