@@ -74,9 +74,11 @@ def test_an_unreadable_journal_is_skipped_not_a_crash(tmp_path, content):
     assert DeployJournal(tmp_path).load(PROJECT) is None and DeployJournal(tmp_path).records() == []
 
 
-def test_a_deploy_the_agent_left_in_its_journal_format_is_rolled_back_by_this_agent(docker_client, unique_name, tmp_path):
+def test_a_deploy_the_agent_left_in_its_journal_format_is_rolled_back_by_this_agent(
+        docker_client, unique_name, tmp_path):
     unit_id, name = str(uuid.uuid4()), unique_name("app")
-    v1_image, v2_image = workload(docker_client, unique_name, "v1"), workload(docker_client, unique_name, "v2", tag="v2")
+    v1_image = workload(docker_client, unique_name, "v1")
+    v2_image = workload(docker_client, unique_name, "v2", tag="v2")
     v2 = release(2, spec(name, v2_image))
     labels = {"fleet.unit_id": unit_id, "fleet.project": str(PROJECT), "fleet.version_hash": "0000cafe"}
     try:

@@ -1,4 +1,4 @@
-"""The device's MQTT session on a real broker: TCP_NODELAY on its socket, v5 properties read and written as plain values."""
+"""The device's MQTT session on a real broker: TCP_NODELAY on its socket, v5 properties as plain values."""
 import queue
 import socket
 import uuid

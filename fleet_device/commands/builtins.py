@@ -133,7 +133,8 @@ def docker_ps(context: CommandContext, all: bool = False, label: str | list[str]
         labels.append(LABEL_PROJECT)  # the engine filters; the unit label is checked below
     listed = context.docker().api.containers(all=all, filters={"label": labels} if labels else None)
     summaries = [summary for summary in listed
-                 if scope.allows(context.unit_id, (summary.get("Names") or ["?"])[0].lstrip("/"), summary.get("Labels"))]
+                 if scope.allows(context.unit_id, (summary.get("Names") or ["?"])[0].lstrip("/"),
+                                 summary.get("Labels"))]
     return [
         {
             "id": summary["Id"][:12],

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -322,7 +321,8 @@ class CommandRunner:
             self._active.pop(run.id, None)
             self._running -= 1
             started = self._start_waiting_locked()
-        self._finish(run, outcome["state"], outcome.get("return"), outcome.get("error"), outcome.get("truncated", False))
+        self._finish(run, outcome["state"], outcome.get("return"), outcome.get("error"),
+                     outcome.get("truncated", False))
         self._report_started(started)
 
     def _execute(self, name: str, arg: list, kwarg: dict) -> dict:

@@ -1,4 +1,4 @@
-"""The device's deploy engine: the pure plan, typed steps, the executor's table of actions, the journal, the Deployer."""
+"""The device's deploy engine: the pure plan, typed steps, a table of actions, the journal, the Deployer."""
 from .docker_engine import LABEL_CONTAINER, LABEL_HASH, LABEL_PROJECT, LABEL_RELEASE, LABEL_UNIT  # noqa: F401
 from .engine import Deployer, Recovery  # noqa: F401
 from .errors import DeployError  # noqa: F401

@@ -39,8 +39,8 @@ class DockerEngine:
     def observe(self, previous: dict | None = None, needed_elsewhere=frozenset()) -> DeviceState:
         """The device as `plan()` needs it; DeployError("engine", ...) when the engine does not answer."""
         try:
+            # Containers another agent labelled (another unit on a shared engine) are nobody's business here.
             containers = [self._as_running(c) for c in self.client.containers.list(all=True)
-                          # Containers another agent labelled (another unit on a shared engine) are nobody's business here.
                           if (c.labels or {}).get(LABEL_UNIT) in (None, self.unit_id)]
             images = frozenset(tag for image in self.client.images.list() for tag in image.tags)
         except ENGINE_ERRORS as exc:

@@ -213,7 +213,9 @@ def verify(deploy: Deploy, step: Verify):
 
 
 def _verified(deploy: Deploy, name: str, first_started: dict[str, str]) -> bool:
-    """Whether `name` is healthy (or has no healthcheck); False while its healthcheck has not said; raises if it failed."""
+    """Whether `name` is healthy (or has no healthcheck); False while its healthcheck has not said yet.
+
+    Raises DeployError when it stopped, restarted or became unhealthy."""
     container = deploy.engine.find(name)
     if container is None:
         raise DeployError("verify", f"container {name} disappeared")
