@@ -53,7 +53,7 @@ def grains_items(context: CommandContext):
     releases = {
         str(project_id): {"id": release["id"], "version": release.get("version"),
                           "version_hash": release.get("version_hash")}
-        for project_id, release in sorted(context.queue.applied_releases().items())
+        for project_id, release in sorted(context.releases.applied_releases().items())
     }
     return {
         "agent_version": __version__,
