@@ -162,3 +162,11 @@ def test_registry_hosts_and_references_are_derived_from_the_url():
     assert image_reference({"image": "127.0.0.1:5000/app", "registry": 1}, {1: {"url": "127.0.0.1:5000"}}) == \
         "127.0.0.1:5000/app"
     assert backup_path("/srv/data", 7).name == ".data.fleet-backup-7"
+
+
+def test_every_step_type_has_an_action_and_those_changing_the_device_an_undo():
+    from fleet_device.deploy.executor import ACTIONS
+    from fleet_device.deploy.steps import CHANGE, STEP_TYPES
+
+    assert set(ACTIONS) == set(STEP_TYPES.values())
+    assert all(ACTIONS[kind].undo is not None for kind in STEP_TYPES.values() if kind.phase == CHANGE)
