@@ -42,7 +42,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Broker, Server, machine, percentile, print_figures, wait_for, workdir  # noqa: E402
@@ -74,7 +73,6 @@ class SimulatedDeploy:
     the agent's own (fleet_device.pending_reports)."""
 
     report = None
-    journal = SimpleNamespace(load=lambda project_id: None)  # no deploy was ever interrupted
 
     def __init__(self, pause: float = 0.3):
         self.pause = pause
@@ -88,6 +86,9 @@ class SimulatedDeploy:
 
     def recover(self):
         return []
+
+    def settled(self, project_id):
+        return True  # no deploy was ever interrupted
 
     def login_all(self, registries):
         return {}
@@ -207,7 +208,7 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff, agent_options):
         _record_deployment_reports(agent, last_deployment_report)
         if backoff == "paho":
             # The baseline: the agent's reconnection policy before jitter (paho's doubling from 1-2 s).
-            agent._jitter_next_reconnect = lambda: None
+            agent.mqtt._jitter_next_reconnect = lambda: None
             agent.mqtt.client.on_connect_fail = None
             agent.mqtt.client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=30 + random.random() * 30)
         on_connect = agent.mqtt.client.on_connect
