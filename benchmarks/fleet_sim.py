@@ -42,7 +42,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Broker, Server, machine, percentile, print_figures, wait_for, workdir  # noqa: E402
@@ -74,7 +73,6 @@ class SimulatedDeploy:
     the agent's own (fleet_device.pending_reports)."""
 
     report = None
-    journal = SimpleNamespace(load=lambda project_id: None)  # no deploy was ever interrupted
 
     def __init__(self, pause: float = 0.3):
         self.pause = pause
@@ -88,6 +86,9 @@ class SimulatedDeploy:
 
     def recover(self):
         return []
+
+    def settled(self, project_id):
+        return True  # no deploy was ever interrupted
 
     def login_all(self, registries):
         return {}
@@ -124,19 +125,19 @@ def _selector_devices(unit_ids, port, state_root, conn):
     expected: dict[int, int] = {}
 
     for agent in agents:
-        on_connect = agent.client.on_connect
+        on_connect = agent.mqtt.client.on_connect
 
         def record_connect(client, userdata, flags, reason_code, properties, agent=agent, on_connect=on_connect):
             on_connect(client, userdata, flags, reason_code, properties)
             if not reason_code.is_failure:
                 connected.add(agent.unit_id)
 
-        agent.client.on_connect = record_connect
+        agent.mqtt.client.on_connect = record_connect
 
     def pump(timeout):
         for key, _mask in selector.select(timeout):
             agent = key.data
-            agent.client.loop_read()
+            agent.mqtt.client.loop_read()
             while True:
                 try:
                     message = agent.inbox.get_nowait()
@@ -148,13 +149,13 @@ def _selector_devices(unit_ids, port, state_root, conn):
                     handled.setdefault(project_id, []).append(time.time())
             # paho writes a report or ack at once when no loop thread runs; only what the socket
             # did not take waits here. Asking every agent each round costs more than the devices' work.
-            if agent.client.want_write():
-                agent.client.loop_write()
+            if agent.mqtt.client.want_write():
+                agent.mqtt.client.loop_write()
 
     for index, agent in enumerate(agents):
-        agent.client.connect("127.0.0.1", port, keepalive=600, clean_start=False,
-                             properties=_connect_properties(agent))
-        selector.register(agent.client.socket(), selectors.EVENT_READ, agent)
+        agent.mqtt.client.connect("127.0.0.1", port, keepalive=600, clean_start=False,
+                                  properties=_connect_properties(agent))
+        selector.register(agent.mqtt.client.socket(), selectors.EVENT_READ, agent)
         if index % 100 == 99:
             pump(0)
     last_misc = time.monotonic()
@@ -163,9 +164,9 @@ def _selector_devices(unit_ids, port, state_root, conn):
         if time.monotonic() - last_misc > 1:
             # Keepalives, and writes from other threads (command results, telemetry batches).
             for agent in agents:
-                if agent.client.want_write():
-                    agent.client.loop_write()
-                agent.client.loop_misc()
+                if agent.mqtt.client.want_write():
+                    agent.mqtt.client.loop_write()
+                agent.mqtt.client.loop_misc()
             last_misc = time.monotonic()
         while conn.poll():
             command, *args = conn.recv()
@@ -188,7 +189,7 @@ def _selector_devices(unit_ids, port, state_root, conn):
             elif command == "stop":
                 for agent in agents:
                     agent.stopping.set()
-                    agent.client.disconnect()
+                    agent.mqtt.client.disconnect()
                 conn.send("stopped")
                 return
         for project_id, count in list(expected.items()):
@@ -207,17 +208,17 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff, agent_options):
         _record_deployment_reports(agent, last_deployment_report)
         if backoff == "paho":
             # The baseline: the agent's reconnection policy before jitter (paho's doubling from 1-2 s).
-            agent._jitter_next_reconnect = lambda: None
-            agent.client.on_connect_fail = None
-            agent.client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=30 + random.random() * 30)
-        on_connect = agent.client.on_connect
+            agent.mqtt._jitter_next_reconnect = lambda: None
+            agent.mqtt.client.on_connect_fail = None
+            agent.mqtt.client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=30 + random.random() * 30)
+        on_connect = agent.mqtt.client.on_connect
 
         def record_connect(client, userdata, flags, reason_code, properties, agent=agent, on_connect=on_connect):
             on_connect(client, userdata, flags, reason_code, properties)
             if not reason_code.is_failure:
                 connects.setdefault(agent.unit_id, []).append(time.time())
 
-        agent.client.on_connect = record_connect
+        agent.mqtt.client.on_connect = record_connect
         agent.start()
         time.sleep(0.002)  # do not open every socket in the same millisecond
     while True:
@@ -240,8 +241,8 @@ def _threaded_devices(unit_ids, port, state_root, conn, backoff, agent_options):
         elif command == "stop":
             for agent in agents:
                 agent.stopping.set()
-                agent.client.disconnect()
-                agent.client.loop_stop()
+                agent.mqtt.client.disconnect()
+                agent.mqtt.client.loop_stop()
             conn.send("stopped")
             return
 

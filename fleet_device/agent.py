@@ -3,25 +3,18 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
-import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 import fleet_wire as wire
 
 
 from . import __version__, logbuffer
-from .commands import ContainerScope
+from .commands import CommandContext, CommandRunner, ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
-from .execution import CommandRunner
+from .mqtt import DeviceMqtt, MqttSettings, Received
 from .release_policy import ReleasePolicy
 from .pending_reports import DEFAULT_LIMIT, DEFAULT_RESEND_INTERVAL, PendingReports
 from .state import RegistryStore, ReleaseQueue
@@ -31,10 +24,6 @@ log = logging.getLogger(__name__)
 
 # Messages received and not yet handled; past this the broker keeps (and redelivers) the rest.
 INBOX_LIMIT = 1000
-
-# CONNACK reason codes that mean the broker no longer accepts this device's credentials.
-BAD_CREDENTIALS = 134  # bad user name or password
-NOT_AUTHORIZED = 135
 
 
 @dataclass
@@ -102,109 +91,60 @@ class Agent:
         # queue.Queue; its bound is kept by `_on_message`, the only producer.
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self.connected = threading.Event()
         self.apply_lock = threading.Lock()
         self.rejected = 0
-        self.reconnect_attempts = 0
-        # Set when the broker refused the device's credentials: the agent stops trying (see _on_connect).
-        self.credentials_refused = threading.Event()
+        self.stale_logged: set[tuple[int, int]] = set()  # older release documents already logged as ignored
+        self.subscriptions = [wire.release_subscription(self.unit_id), wire.device_topic(self.unit_id, "commands"),
+                              wire.device_topic(self.unit_id, "confirmations")]
+        self.mqtt = self._make_mqtt()
+        self.connected = self.mqtt.connected
+        # Set when the broker refused the device's credentials: the agent stops trying.
+        self.credentials_refused = self.mqtt.credentials_refused
         # Topic kind → handler(where, message). Each feature adds its own entry.
         self.handlers = {"releases": self._handle_release}
-        self.stale_logged: set[tuple[int, int]] = set()  # older release documents already logged as ignored
-        self.subscriptions = [wire.release_subscription(self.unit_id)]
         # Remote commands: run at most once each, off this thread, results kept until acknowledged.
         self.recent_logs = logbuffer.install()
-        self.command_runner = CommandRunner(self, Path(config.state_dir) / "commands")
+        self.command_runner = CommandRunner(self._command_context(), self.mqtt, Path(config.state_dir) / "commands")
         self.handlers["commands"] = self.command_runner.handle_message
-        self.subscriptions.append(wire.device_topic(self.unit_id, "commands"))
         self.command_runner.resend_interval = config.report_resend_interval
         # Reports are kept until the server confirms it stored them, and sent again until then.
         self.pending_reports = PendingReports(Path(config.state_dir) / "reports", self._publish_payload,
                                               limit=config.pending_reports_limit,
                                               resend_interval=config.report_resend_interval)
-        self._reconnected_at: float | None = None  # monotonic; set by _on_connect, taken by resend_reports
+        self._reconnected_at: float | None = None  # monotonic; set by _on_connected, taken by resend_reports
         self.handlers["confirmations"] = self._handle_confirmations
-        self.subscriptions.append(wire.device_topic(self.unit_id, "confirmations"))
-        self.client = self._make_client()
-        self._jitter_next_reconnect()
-        self.telemetry = Telemetry(config.unit_id, config.state_dir, self.client, self.connected,
+        self.telemetry = Telemetry(config.unit_id, config.state_dir, self.mqtt, self.connected,
                                    replace(config.telemetry, confirm_timeout=config.report_resend_interval))
 
     # --- MQTT -------------------------------------------------------------------
 
-    def _make_client(self) -> paho.Client:
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"fleet-device-{self.unit_id}",
-            protocol=MQTTProtocolVersion.MQTTv5,
-            manual_ack=True,
-        )
-        if self.config.username:
-            client.username_pw_set(self.config.username, self.config.password)
-        if self.config.broker_tls:
-            client.tls_set(ca_certs=self.config.ca_file)
-        client.will_set(
-            wire.device_topic(self.unit_id, "status"),
-            wire.encode(wire.status_message, {"state": "offline", "agent_version": __version__}),
-            qos=1,
-            retain=True,
-        )
-        client.max_queued_messages_set(10000)
-        client.on_socket_open = _nodelay
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_connect_fail = lambda *_: self._jitter_next_reconnect()
-        return client
+    def _make_mqtt(self) -> DeviceMqtt:
+        config = self.config
+        will = (wire.device_topic(self.unit_id, "status"),
+                wire.encode(wire.status_message, {"state": "offline", "agent_version": __version__}))
+        settings = MqttSettings(
+            client_id=f"fleet-device-{self.unit_id}", host=config.broker_host, port=config.broker_port,
+            tls=config.broker_tls, ca_file=config.ca_file, username=config.username, password=config.password,
+            keepalive=config.keepalive, session_expiry=config.session_expiry,
+            reconnect_window=config.reconnect_window, reconnect_max=config.reconnect_max,
+            subscriptions=tuple(self.subscriptions), will=will)
+        return DeviceMqtt(settings, on_message=self._on_message, on_connected=self._on_connected)
 
-    def _jitter_next_reconnect(self):
-        """Choose the wait before paho's next connection attempt: uniform over a doubling window.
+    def _command_context(self) -> CommandContext:
+        return CommandContext(self.unit_id, docker=lambda: self.deployer.client, recent_logs=self.recent_logs,
+                              releases=self.queue, apply_queued=self.apply_queued,
+                              container_scope=self.config.container_scope)
 
-        A broker restart drops the whole fleet at the same instant. paho's own backoff
-        (fixed start, doubling) brings it back in synchronised waves; a uniform draw over
-        the whole window ("full jitter") spreads the reconnections evenly instead.
-        """
-        self.reconnect_attempts += 1
-        window = min(self.config.reconnect_max, self.config.reconnect_window * 2 ** (self.reconnect_attempts - 1))
-        delay = random.uniform(min(1.0, window), window)
-        # paho waits min_delay before its next attempt (reconnect_delay_set resets its doubling).
-        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            if reason_code.value in (BAD_CREDENTIALS, NOT_AUTHORIZED):
-                self._give_up_on_credentials(client, reason_code)
-            else:
-                log.error("broker refused the connection: %s", reason_code)
-            return
-        self.connected.set()
-        self.reconnect_attempts = 0
+    def _on_connected(self, session_present: bool):
         # A restarted broker may have dropped what it acknowledged: every unconfirmed report sent
         # before this moment goes again (from the message thread: this callback stays small).
         self._reconnected_at = time.monotonic()
-        client.subscribe([(topic, 1) for topic in self.subscriptions])
         self.publish_status("online")
         self.telemetry.reconnected()
         self.command_runner.connected()
-        log.info("connected unit_id=%s session_present=%s", self.unit_id, flags.session_present)
+        log.info("connected unit_id=%s session_present=%s", self.unit_id, session_present)
 
-    def _give_up_on_credentials(self, client, reason_code):
-        """Say once that the device's account is gone, and stop reconnecting: retrying cannot help."""
-        if self.credentials_refused.is_set():
-            return
-        self.credentials_refused.set()
-        log.error("the broker refused this device's credentials (%s): the device was deleted on the server "
-                  "or its credentials were revoked. Register it again with `fleet-device register`; "
-                  "not reconnecting. unit_id=%s", reason_code, self.unit_id)
-        client.disconnect()  # ends paho's reconnection loop
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        self.connected.clear()
-        self._jitter_next_reconnect()
-        if not self.stopping.is_set() and not self.credentials_refused.is_set():
-            log.warning("disconnected from broker: %s; reconnecting", reason_code)
-
-    def _on_message(self, client, userdata, message):
+    def _on_message(self, message: Received):
         # Tiny on purpose: the network loop must never block or die here.
         if self.inbox.qsize() >= INBOX_LIMIT:
             log.error("inbox full; dropping unacknowledged message topic=%s (the broker redelivers)", message.topic)
@@ -215,7 +155,7 @@ class Agent:
         return self._publish_payload(kind, wire.encode(schema, body), retain)
 
     def _publish_payload(self, kind: str, payload: bytes, retain: bool):
-        return self.client.publish(wire.device_topic(self.unit_id, kind), payload, qos=1, retain=retain)
+        return self.mqtt.publish(wire.device_topic(self.unit_id, kind), payload, qos=1, retain=retain)
 
     def publish_status(self, state: str):
         # Kept until confirmed, in memory only: a restarted agent says it is online anyway.
@@ -268,8 +208,7 @@ class Agent:
             self.rejected += 1
             log.exception("failed to handle message topic=%s", message.topic)
         # Acknowledge only now: the release is on disk (or the message is worthless).
-        if message.qos > 0:
-            self.client.ack(message.mid, message.qos)
+        self.mqtt.ack(message)
 
     def _handle_release(self, where: wire.DeviceTopic, message):
         if message.payload == b"":
@@ -356,8 +295,7 @@ class Agent:
         return self._record(message, Outcome(project_id, release_id, "succeeded", "verify", detail))
 
     def _settled(self, project_id: int) -> bool:
-        record = self.deployer.journal.load(project_id)
-        return record is None or record.get("phase") in ("succeeded", "rolled_back")
+        return self.deployer.settled(project_id)
 
     def _record(self, message: dict, outcome: Outcome) -> Outcome:
         """Make the outcome durable (applied release, queue), then drop the journal, then report."""
@@ -413,16 +351,7 @@ class Agent:
         """Connect and start the message thread; returns at once."""
         if self.config.minion_id_file:
             _write_unit_id(self.config.minion_id_file, self.unit_id)
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.config.session_expiry
-        self.client.connect_async(
-            self.config.broker_host,
-            self.config.broker_port,
-            keepalive=self.config.keepalive,
-            clean_start=False,
-            properties=properties,
-        )
-        self.client.loop_start()
+        self.mqtt.start()
         self.command_runner.start()
         self._thread = threading.Thread(target=self._work, name="agent-messages", daemon=True)
         self._thread.start()
@@ -453,15 +382,7 @@ class Agent:
                 self.publish_status("offline").wait_for_publish(2)
             except (RuntimeError, ValueError):
                 pass
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _nodelay(client, userdata, sock):
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
+        self.mqtt.stop()
 
 
 def _write_unit_id(path: Path, unit_id: str):

@@ -171,40 +171,6 @@ def _same_release(applied: dict | None, release: dict) -> bool:
     )
 
 
-class Journal:
-    """Per project, the deploy in progress: its steps and how far each got.
-
-    Layout: `<state_dir>/projects/<project_id>/journal.json`, rewritten atomically before and
-    after every step, so after a crash or power loss the agent knows exactly what to undo.
-    """
-
-    def __init__(self, state_dir: Path):
-        self.root = Path(state_dir) / "projects"
-
-    def _path(self, project_id: int) -> Path:
-        return self.root / str(int(project_id)) / "journal.json"
-
-    def save(self, project_id: int, record: dict):
-        write_atomically(self._path(project_id), json.dumps(record).encode())
-
-    def load(self, project_id: int) -> dict | None:
-        return read_json(self._path(project_id))
-
-    def discard(self, project_id: int):
-        self._path(project_id).unlink(missing_ok=True)
-
-    def records(self) -> list[tuple[int, dict]]:
-        """Every journal on disk, by project id."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for directory in sorted(self.root.iterdir(), key=lambda p: (len(p.name), p.name)):
-            record = read_json(directory / "journal.json") if directory.name.isdigit() else None
-            if isinstance(record, dict) and isinstance(record.get("steps"), list):
-                found.append((int(directory.name), record))
-        return found
-
-
 class RegistryStore:
     """The private registries the device has been given, so it can log in at start-up.
 

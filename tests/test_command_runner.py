@@ -15,7 +15,7 @@ import pytest
 import fleet_wire as wire
 
 from fleet_device import commands, logbuffer
-from fleet_device.execution import CommandJournal, CommandRunner, cap_output
+from fleet_device.commands import CommandJournal, CommandRunner, cap_output
 from tests.support.stack import eventually
 
 
@@ -170,8 +170,8 @@ class RecordingClient:
     def __init__(self):
         self.messages = []
 
-    def publish(self, topic, payload, qos=0, properties=None):
-        self.messages.append((topic, json.loads(payload), properties))
+    def publish(self, topic, payload, qos=0, retain=False, correlation=None):
+        self.messages.append((topic, json.loads(payload), correlation))
         return SimpleNamespace(is_published=lambda: True)
 
     def results(self, command_id):
@@ -180,12 +180,13 @@ class RecordingClient:
 
 @pytest.fixture
 def agent():
+    """What the runner is given: a command context (unit id, recent logs) and, as `client`, the recorder."""
     return SimpleNamespace(unit_id=str(uuid.uuid4()), client=RecordingClient(), recent_logs=logbuffer.install())
 
 
 @pytest.fixture
 def runner(agent, tmp_path):
-    running = CommandRunner(agent, tmp_path / "commands", max_parallel=2, progress_delay=0.1)
+    running = CommandRunner(agent, agent.client, tmp_path / "commands", max_parallel=2, progress_delay=0.1)
     running.start()
     yield running
     running.stop()
@@ -208,7 +209,8 @@ def slow_command(monkeypatch):
 def _message(unit_id, name="test.ping", arg=(), kwarg=None, timeout=None, deadline=None, command_id=None):
     body = {"id": command_id or str(uuid.uuid4()), "command": name, "arg": list(arg), "kwarg": kwarg or {},
             "timeout": timeout, "deadline": deadline or time.time() + 60}
-    return SimpleNamespace(payload=wire.encode(wire.command_message, body), properties=None, id=body["id"])
+    return SimpleNamespace(payload=wire.encode(wire.command_message, body), response_topic=None, correlation=None,
+                           expires_in=None, id=body["id"])
 
 
 def _final(agent, command_id):
@@ -223,9 +225,9 @@ def test_a_command_runs_and_its_result_names_the_command(agent, runner):
     runner.handle_message(None, message)
     (result,) = _final(agent, message.id)
     assert result["state"] == "succeeded" and result["return"] is True
-    topic, _, properties = agent.client.messages[-1]
+    topic, _, correlation = agent.client.messages[-1]
     assert topic == wire.device_topic(agent.unit_id, "results")
-    assert properties.CorrelationData == message.id.encode()
+    assert correlation == message.id.encode()
 
 
 @pytest.fixture
@@ -249,7 +251,7 @@ def test_the_same_command_id_runs_once_and_a_repeat_gets_the_same_result_even_af
     (first,) = _final(agent, message.id)
     runner.handle_message(None, message)
     runner.stop()
-    restarted = CommandRunner(agent, tmp_path / "commands")
+    restarted = CommandRunner(agent, agent.client, tmp_path / "commands")
     restarted.handle_message(None, message)
     assert counting_command == [1]
     assert agent.client.results(message.id) == [first, first, first]
@@ -290,9 +292,9 @@ def test_commands_beyond_the_parallel_limit_wait_as_delivered_then_run(agent, ru
 
 
 def test_a_command_thread_that_finished_takes_the_next_command_and_ends_when_left_idle(agent, tmp_path, monkeypatch):
-    from fleet_device import execution
+    from fleet_device.commands import runner
 
-    monkeypatch.setattr(execution, "IDLE_THREAD_SECONDS", 0.3)
+    monkeypatch.setattr(runner, "IDLE_THREAD_SECONDS", 0.3)
     threads = []
 
     @commands.command("test.thread")
@@ -300,7 +302,7 @@ def test_a_command_thread_that_finished_takes_the_next_command_and_ends_when_lef
         threads.append(threading.current_thread())
         return True
 
-    running = CommandRunner(agent, tmp_path / "commands")
+    running = CommandRunner(agent, agent.client, tmp_path / "commands")
     running.start()
     try:
         for _ in range(3):
@@ -320,7 +322,7 @@ def test_a_command_thread_that_finished_takes_the_next_command_and_ends_when_lef
 def test_a_timeout_shorter_than_the_supervisors_next_look_is_enforced_on_time(agent, tmp_path, slow_command):
     """The supervisor looks at least once a second; a new command wakes it only for what falls
     due before that, like this timeout of 0.1 s."""
-    running = CommandRunner(agent, tmp_path / "commands", progress_delay=30)
+    running = CommandRunner(agent, agent.client, tmp_path / "commands", progress_delay=30)
     running.start()
     try:
         time.sleep(0.1)  # the supervisor has looked and sleeps until its next look, a second away
@@ -345,7 +347,7 @@ def test_a_command_accepted_before_the_agent_stopped_is_reported_failed_at_start
     journal = CommandJournal(tmp_path / "commands")
     journal.accept(interrupted)
     journal.close()
-    runner = CommandRunner(agent, tmp_path / "commands")
+    runner = CommandRunner(agent, agent.client, tmp_path / "commands")
     (pending,) = runner.journal.pending_results()
     assert pending["id"] == interrupted and pending["state"] == "failed" and "stopped" in pending["error"]
     runner.start()
@@ -359,7 +361,7 @@ def test_a_command_accepted_before_the_agent_stopped_is_reported_failed_at_start
 
 
 def test_a_result_the_server_does_not_confirm_is_sent_again_until_it_does(agent, tmp_path):
-    runner = CommandRunner(agent, tmp_path / "commands")
+    runner = CommandRunner(agent, agent.client, tmp_path / "commands")
     runner.resend_interval = 0.2
     runner.start()
     try:
@@ -478,6 +480,6 @@ def test_the_agents_inbox_holds_at_most_its_limit_and_leaves_the_rest_to_the_bro
                                 deployer=SimpleNamespace(report=None))
     message = SimpleNamespace(topic="t", payload=b"", qos=1, mid=1)
     for _ in range(agent_module.INBOX_LIMIT + 5):
-        device._on_message(device.client, None, message)
+        device._on_message(message)
     assert device.inbox.qsize() == agent_module.INBOX_LIMIT
     device.command_runner.journal.close()

@@ -154,7 +154,7 @@ def test_a_container_started_again_between_two_looks_of_the_verification_is_roll
         docker_client, deployer, running_v1, unique_name, monkeypatch):
     """As an engine restart can: no restart counted, and running again by the next look."""
     name, v1, _ = running_v1
-    verifying, looks, find = threading.Event(), [], deployer._find
+    verifying, looks, find = threading.Event(), [], deployer.engine.find
     deployer.on_step = lambda step, when: step.action == "verify" and when == "started" and verifying.set()
 
     def find_restarting_before_the_second_look(container_name):
@@ -164,7 +164,7 @@ def test_a_container_started_again_between_two_looks_of_the_verification_is_roll
                 docker_client.containers.get(container_name).restart(timeout=0)
         return find(container_name)
 
-    monkeypatch.setattr(deployer, "_find", find_restarting_before_the_second_look)
+    monkeypatch.setattr(deployer.engine, "find", find_restarting_before_the_second_look)
     error = fail(deployer, PROJECT, release(2, spec(name, workload(docker_client, unique_name, tag="v2"))), previous=v1)
     assert len(looks) >= 2 and error.step == "verify" and "started again" in error.reason, error
     assert_still_on_v1(docker_client, deployer, running_v1)

@@ -2,7 +2,7 @@
 import pytest
 
 from fleet_device.deploy import (
-    COMMIT, OLD_SUFFIX, DeployError, DeviceState, Running, Step, backup_path, image_reference, plan, purge_paths,
+    COMMIT, OLD_SUFFIX, DeployError, DeviceState, Running, Stop, backup_path, image_reference, plan, purge_paths,
     registry_host, release_image_refs,
 )
 
@@ -69,13 +69,13 @@ def test_initial_containers_are_stopped_and_removed_but_other_unlabelled_ones_ar
     stops = [s for s in steps if s.action == "stop"]
     assert [(s.target, s.initial, s.rename_to) for s in stops] == [("legacy", True, None), ("stopped-legacy", True, None)]
     assert ("remove", "legacy") in actions(steps) and ("remove", "stopped-legacy") in actions(steps)
-    assert all("bystander" not in (s.target, s.rename_to) for s in steps)
+    assert all("bystander" not in (s.target, getattr(s, "rename_to", None)) for s in steps)
 
 
 def test_an_initial_container_holding_a_wanted_name_is_renamed_out_of_the_way():
     state = DeviceState((Running("deployment-app-7"),))
     steps = plan(PROJECT, release(remove_containers=["deployment-app-7"]), state, {})
-    assert steps[1] == Step("stop", "deployment-app-7", "change", rename_to="deployment-app-7" + OLD_SUFFIX, initial=True)
+    assert steps[1] == Stop("deployment-app-7", rename_to="deployment-app-7" + OLD_SUFFIX, initial=True)
     assert ("remove", "deployment-app-7" + OLD_SUFFIX) in actions(steps)
 
 
@@ -162,3 +162,11 @@ def test_registry_hosts_and_references_are_derived_from_the_url():
     assert image_reference({"image": "127.0.0.1:5000/app", "registry": 1}, {1: {"url": "127.0.0.1:5000"}}) == \
         "127.0.0.1:5000/app"
     assert backup_path("/srv/data", 7).name == ".data.fleet-backup-7"
+
+
+def test_every_step_type_has_an_action_and_those_changing_the_device_an_undo():
+    from fleet_device.deploy.executor import ACTIONS
+    from fleet_device.deploy.steps import CHANGE, STEP_TYPES
+
+    assert set(ACTIONS) == set(STEP_TYPES.values())
+    assert all(ACTIONS[kind].undo is not None for kind in STEP_TYPES.values() if kind.phase == CHANGE)

@@ -10,7 +10,8 @@ import pytest
 import fleet_wire as wire
 
 from fleet_device import commands, logbuffer
-from fleet_device.execution import CommandRunner
+from fleet_device.commands import CommandRunner
+from fleet_device.mqtt import Received
 from tests.support.stack import release_payload
 
 DEEP = b"[" * 1000 + b"]" * 1000
@@ -85,7 +86,7 @@ class RawRecordingClient:
     def __init__(self):
         self.payloads = []
 
-    def publish(self, topic, payload, qos=0, properties=None):
+    def publish(self, topic, payload, qos=0, retain=False, correlation=None):
         self.payloads.append(payload)
         return SimpleNamespace(is_published=lambda: True)
 
@@ -102,12 +103,12 @@ def nan_command(monkeypatch):
 
 def test_an_agent_never_sends_a_nan_a_command_returned_but_says_why_it_could_not(tmp_path, nan_command):
     agent = SimpleNamespace(unit_id=str(uuid.uuid4()), client=RawRecordingClient(), recent_logs=logbuffer.install())
-    runner = CommandRunner(agent, tmp_path / "commands", max_parallel=1, progress_delay=0.1)
+    runner = CommandRunner(agent, agent.client, tmp_path / "commands", max_parallel=1, progress_delay=0.1)
     runner.start()
     try:
         body = {"id": str(uuid.uuid4()), "command": "test.nan", "arg": [], "kwarg": {}, "timeout": None,
                 "deadline": time.time() + 60}
-        runner.handle_message(None, SimpleNamespace(payload=wire.encode(wire.command_message, body), properties=None))
+        runner.handle_message(None, Received("", wire.encode(wire.command_message, body)))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not any(b'"succeeded"' in p for p in agent.client.payloads):
             time.sleep(0.01)

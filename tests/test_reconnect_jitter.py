@@ -1,64 +1,60 @@
-"""The agent's reconnection policy: waits drawn over a window that doubles per failed attempt."""
+"""The device's reconnection policy: waits drawn over a window that doubles per failed attempt."""
 import uuid
 
-from fleet_device.agent import Agent, AgentConfig
+from fleet_device.mqtt import DeviceMqtt, MqttSettings
 
 
-class NoEngine:
-    report = None
+def _session(**settings):
+    return DeviceMqtt(MqttSettings(client_id=f"fleet-device-{uuid.uuid4()}", **settings), on_message=lambda m: None)
 
 
-def _agent(tmp_path, **config):
-    settings = AgentConfig(unit_id=str(uuid.uuid4()), state_dir=tmp_path, minion_id_file=None, **config)
-    return Agent(settings, deployer=NoEngine())
+def _next_wait(session):
+    session._jitter_next_reconnect()
+    return session.client._reconnect_min_delay  # what paho waits before its next attempt
 
 
-def _next_wait(agent):
-    agent._jitter_next_reconnect()
-    return agent.client._reconnect_min_delay  # what paho waits before its next attempt
-
-
-def test_first_reconnections_of_many_agents_spread_over_the_whole_window(tmp_path):
+def test_first_reconnections_of_many_devices_spread_over_the_whole_window():
     waits = []
-    for index in range(400):
-        agent = _agent(tmp_path / str(index), reconnect_window=12)
-        agent.reconnect_attempts = 0  # as after a successful connection
-        agent._on_disconnect(agent.client, None, None, None, None)
-        waits.append(agent.client._reconnect_min_delay)
+    for _ in range(400):
+        session = _session(reconnect_window=12)
+        session.reconnect_attempts = 0  # as after a successful connection
+        session._on_disconnect(session.client, None, None, None, None)
+        waits.append(session.client._reconnect_min_delay)
     assert all(1 <= wait <= 12 for wait in waits)
     # Uniform over [1, 12]: every third of the window gets a fair share, none gets all.
     thirds = [sum(lo <= w < lo + 11 / 3 for w in waits) for lo in (1, 1 + 11 / 3, 1 + 22 / 3)]
     assert all(80 <= count <= 190 for count in thirds), thirds
 
 
-def test_each_failed_attempt_doubles_the_window_up_to_the_cap(tmp_path):
-    agent = _agent(tmp_path, reconnect_window=10, reconnect_max=40)
-    agent.reconnect_attempts = 0
-    windows = []
-    for _attempt in range(5):
-        waits = [_next_wait(agent) for _ in range(1)]
-        windows.append(max(waits))
+def test_each_failed_attempt_doubles_the_window_up_to_the_cap():
+    session = _session(reconnect_window=10, reconnect_max=40)
+    session.reconnect_attempts = 0
+    windows = [_next_wait(session) for _attempt in range(5)]
     assert windows[0] <= 10 and windows[1] <= 20 and all(w <= 40 for w in windows[2:])
     draws = []
     for _ in range(200):
-        agent.reconnect_attempts = 2  # the next draw is the third attempt: window 40
-        draws.append(_next_wait(agent))
+        session.reconnect_attempts = 2  # the next draw is the third attempt: window 40
+        draws.append(_next_wait(session))
     assert max(draws) > 20  # beyond the second window: it did double
 
 
-def test_a_successful_connection_resets_the_window(tmp_path):
-    agent = _agent(tmp_path, reconnect_window=10)
+def test_a_successful_connection_resets_the_window_subscribes_again_and_tells_the_agent():
+    told = []
+    session = DeviceMqtt(MqttSettings(client_id=f"fleet-device-{uuid.uuid4()}", reconnect_window=10,
+                                      subscriptions=("fleet/a", "fleet/b")),
+                         on_message=lambda m: None, on_connected=told.append)
     for _ in range(4):
-        agent._jitter_next_reconnect()
-    agent.client.subscribe = lambda *args, **kwargs: None
-    agent.publish_status = lambda state: None
+        session._jitter_next_reconnect()
+    subscribed = []
+    session.client.subscribe = lambda topics, **kwargs: subscribed.append(topics)
 
     class Accepted:
         is_failure = False
 
     class Flags:
-        session_present = False
+        session_present = True
 
-    agent._on_connect(agent.client, None, Flags(), Accepted(), None)
-    assert agent.reconnect_attempts == 0
-    assert _next_wait(agent) <= 10
+    session._on_connect(session.client, None, Flags(), Accepted(), None)
+    assert session.reconnect_attempts == 0 and session.connected.is_set()
+    assert subscribed == [[("fleet/a", 1), ("fleet/b", 1)]] and told == [True]
+    assert _next_wait(session) <= 10

@@ -1,24 +1,8 @@
 """Running remote commands on the agent: at most once per id, within their deadline and timeout,
 with every final result kept on disk until the server confirmed it stored it.
 
-The journal (`<state_dir>/commands/journal.log`) is an append-only file of JSON lines:
-
-    {"accepted": ID}     fsynced before the command runs (and before the message is acknowledged),
-    {"result": {...}}    fsynced before the result is published,
-    {"acked": ID}        once the server's confirmation named the result (not fsynced: losing
-                         it only means the result is sent once more, and the server ignores
-                         repeats).
-
-A read-only command (`read_only` in the command table: test.ping, docker.ps, ...) is written
-without the two fsyncs: running one twice does no harm, so a power loss may at worst make
-it run again when the server asks, or report it failed as interrupted. That keeps a ping's
-round trip free of disk flushes; everything that changes the device pays for them.
-
-Replaying it at start-up gives the ids already accepted (never run again), the results still
-to send (sent on every connect), the most recent results (a command delivered again gets its
-result again: the server asks when a result it was acknowledged got lost on the way), and the
-ids accepted that never got a result: the agent stopped while they ran, so they are reported
-failed. Past a bound it is rewritten atomically with only what is still needed.
+Which commands were accepted, and their results until the server confirms them, are kept in
+the command journal (journal.py).
 
 Each command runs in a thread of its own, at most `max_parallel` at once, never on the MQTT
 network thread or the agent's message thread, so a long deploy does not hold up a ping. The
@@ -38,21 +22,18 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 import fleet_wire as wire
 
-
-from . import commands
-from .state import open_private_append, private_directory, write_atomically
+from ..mqtt import Received
+from . import registry
+from .context import CommandContext
+from .journal import CommandJournal
 
 log = logging.getLogger(__name__)
 
@@ -88,130 +69,6 @@ def _cap_error(text: str | None) -> str | None:
     return text[: wire.MAX_COMMAND_ERROR - len(marker)] + marker
 
 
-# --- the journal ---------------------------------------------------------------------------
-
-class CommandJournal:
-    """Which command ids were accepted, and which results the broker has not acknowledged yet."""
-
-    def __init__(self, directory: Path, remember: int = 2000, recent_results: int = 100):
-        self.path = Path(directory) / "journal.log"
-        private_directory(self.path.parent)
-        self.remember = remember
-        self.recent_results = recent_results
-        self.recent: collections.OrderedDict[str, dict] = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.accepted: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.unfinished: set[str] = set()
-        self.unsent: dict[str, dict] = {}
-        self._entries = 0
-        self._compact_above = 3 * remember
-        self._load()
-        self._file = open_private_append(self.path)
-
-    def _load(self):
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-                self._apply(entry)
-            except (ValueError, TypeError, KeyError, AttributeError):
-                # A power loss can tear the last line; anything unreadable is skipped, not fatal.
-                log.warning("skipping unreadable line %d of %s", number, self.path)
-        self._entries = len(lines)
-
-    def _apply(self, entry: dict):
-        if "accepted" in entry:
-            self._remember(str(entry["accepted"]))
-            self.unfinished.add(str(entry["accepted"]))
-        elif "result" in entry:
-            result = entry["result"]
-            self._remember(result["id"])
-            self.unfinished.discard(result["id"])
-            self.unsent[result["id"]] = result
-            self.recent[result["id"]] = result
-            self.recent.move_to_end(result["id"])
-            while len(self.recent) > self.recent_results:
-                self.recent.popitem(last=False)
-        elif "acked" in entry:
-            self.unsent.pop(entry["acked"], None)
-        else:
-            raise KeyError("no known entry")
-
-    def _remember(self, command_id: str):
-        self.accepted[command_id] = None
-        self.accepted.move_to_end(command_id)
-        while len(self.accepted) > self.remember:
-            self.accepted.popitem(last=False)  # unfinished and unsent ids stay known through their own sets
-
-    def _known(self, command_id: str) -> bool:
-        return command_id in self.accepted or command_id in self.unfinished or command_id in self.unsent
-
-    def seen(self, command_id: str) -> bool:
-        with self._lock:
-            return self._known(command_id)
-
-    def accept(self, command_id: str, durable: bool = True) -> bool:
-        """Record the id (on disk before returning when `durable`); False if it was accepted
-        before (a duplicate delivery)."""
-        with self._lock:
-            if self._known(command_id):
-                return False
-            self._append({"accepted": command_id}, sync=durable)
-            return True
-
-    def record_result(self, result: dict, durable: bool = True):
-        with self._lock:
-            self._append({"result": result}, sync=durable)
-
-    def acknowledge(self, command_id: str):
-        with self._lock:
-            if command_id in self.unsent:
-                self._append({"acked": command_id}, sync=False)
-
-    def pending_results(self) -> list[dict]:
-        with self._lock:
-            return list(self.unsent.values())
-
-    def result(self, command_id: str) -> dict | None:
-        """The final result of a recent command, sent or not."""
-        with self._lock:
-            return self.recent.get(command_id) or self.unsent.get(command_id)
-
-    def _append(self, entry: dict, sync: bool):
-        """Write an entry (durably when `sync`), then let it count. Call with the lock held."""
-        self._file.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
-        self._file.flush()
-        if sync:
-            os.fsync(self._file.fileno())
-        self._apply(entry)
-        self._entries += 1
-        if self._entries > self._compact_above:
-            self._compact()
-
-    def _compact(self):
-        accepted = [*self.accepted, *(i for i in self.unfinished if i not in self.accepted)]
-        kept = {**self.recent, **self.unsent}
-        entries = [{"accepted": command_id} for command_id in accepted if command_id not in kept]
-        for command_id, result in kept.items():
-            entries.append({"result": result})
-            if command_id not in self.unsent:
-                entries.append({"acked": command_id})
-        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
-        self._file.close()
-        write_atomically(self.path, data)
-        self._file = open_private_append(self.path)
-        self._entries = len(entries)
-        self._compact_above = max(3 * self.remember, 2 * len(entries))  # never compact on every append
-        log.debug("compacted %s to %d entries", self.path, len(entries))
-
-    def close(self):
-        with self._lock:
-            self._file.close()
-
-
 # --- running -----------------------------------------------------------------------------
 
 @dataclass
@@ -240,9 +97,16 @@ class CommandRun:
 
 
 class CommandRunner:
-    def __init__(self, agent, directory: Path, max_parallel: int = 4, progress_delay: float = 0.25,
-                 max_output: int = MAX_OUTPUT_BYTES):
-        self.agent = agent
+    """Runs the commands the server sends (at most once each) and those the local API asks for.
+
+    `context` is what the commands may reach; `mqtt` publishes the results (anything with the
+    device MQTT session's `publish(topic, payload, qos=, correlation=)`).
+    """
+
+    def __init__(self, context: CommandContext, mqtt, directory: Path, max_parallel: int = 4,
+                 progress_delay: float = 0.25, max_output: int = MAX_OUTPUT_BYTES):
+        self.context = context
+        self.mqtt = mqtt
         self.journal = CommandJournal(directory)
         self.max_parallel = max_parallel
         self.progress_delay = progress_delay
@@ -277,7 +141,7 @@ class CommandRunner:
 
     @property
     def results_topic(self) -> str:
-        return wire.device_topic(self.agent.unit_id, "results")
+        return wire.device_topic(self.context.unit_id, "results")
 
     # --- MQTT side: all tiny, none of it blocks -------------------------------------------
 
@@ -294,27 +158,24 @@ class CommandRunner:
         for command_id in ids:
             self.journal.acknowledge(command_id)
 
-    def handle_message(self, where: wire.DeviceTopic, message):
+    def handle_message(self, where: wire.DeviceTopic, message: Received):
         """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
         command = wire.decode(wire.command_message, message.payload)
         command_id = str(command["id"])
-        properties = getattr(message, "properties", None)
-        expiry = getattr(properties, "MessageExpiryInterval", None)
-        response_topic = getattr(properties, "ResponseTopic", None)
-        if response_topic not in (None, self.results_topic):
-            log.warning("command=%s asks for results on %s; they go to %s", command_id, response_topic,
+        if message.response_topic not in (None, self.results_topic):
+            log.warning("command=%s asks for results on %s; they go to %s", command_id, message.response_topic,
                         self.results_topic)
         run = CommandRun(
             id=command_id,
             name=command["command"],
             arg=command["arg"],
             kwarg=command["kwarg"],
-            timeout=command["timeout"] or commands.timeout_of(command["command"]),
+            timeout=command["timeout"] or registry.timeout_of(command["command"]),
             deadline=command["deadline"],
-            expires_monotonic=time.monotonic() + expiry if expiry is not None else None,
-            correlation=getattr(properties, "CorrelationData", None),
-            durable=not commands.is_read_only(command["command"]),
-            instant=commands.is_instant(command["command"]),
+            expires_monotonic=time.monotonic() + message.expires_in if message.expires_in is not None else None,
+            correlation=message.correlation,
+            durable=not registry.is_read_only(command["command"]),
+            instant=registry.is_instant(command["command"]),
         )
         try:
             fresh = self.journal.accept(command_id, run.durable)
@@ -371,7 +232,7 @@ class CommandRunner:
 
     def run_now(self, name: str, arg: list, kwarg: dict, timeout: float | None = None) -> dict:
         """Run a command in this thread's stead and wait for it (local API); not journaled."""
-        timeout = timeout or commands.timeout_of(name)
+        timeout = timeout or registry.timeout_of(name)
         outcome: dict = {}
         started_at = time.time()
 
@@ -460,13 +321,14 @@ class CommandRunner:
             self._active.pop(run.id, None)
             self._running -= 1
             started = self._start_waiting_locked()
-        self._finish(run, outcome["state"], outcome.get("return"), outcome.get("error"), outcome.get("truncated", False))
+        self._finish(run, outcome["state"], outcome.get("return"), outcome.get("error"),
+                     outcome.get("truncated", False))
         self._report_started(started)
 
     def _execute(self, name: str, arg: list, kwarg: dict) -> dict:
         try:
-            value = commands.execute(self.agent, name, arg, kwarg)
-        except commands.CommandError as exc:
+            value = registry.execute(self.context, name, arg, kwarg)
+        except registry.CommandError as exc:
             log.info("command %s failed: %s", name, exc)
             return {"state": "failed", "error": str(exc)}
         except Exception as exc:  # a bug or an engine error: a failed result, never a dead agent
@@ -568,8 +430,6 @@ class CommandRunner:
 
     def _publish(self, result: dict, correlation: bytes | None, kept: bool):
         """Send a report; a final result `kept` in the journal stays there until the server confirms it."""
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.CorrelationData = correlation or result["id"].encode()
         try:
             payload = wire.encode(wire.command_result, result)
         except wire.WireError as exc:  # a bug; the server must still hear that the command ended
@@ -579,7 +439,7 @@ class CommandRunner:
                 payload = wire.encode(wire.command_result, result)
             except wire.WireError:
                 return None
-        info = self.agent.client.publish(self.results_topic, payload, qos=1, properties=properties)
+        info = self.mqtt.publish(self.results_topic, payload, qos=1, correlation=correlation or result["id"].encode())
         if kept and result["state"] in wire.FINAL_COMMAND_STATES:
             self._track(result["id"], info)
         return info
