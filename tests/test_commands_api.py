@@ -7,10 +7,11 @@ from datetime import timedelta
 import pytest
 
 import fleet_wire as wire
-from fleet_server import ingest
 from fleet_server.commands import service
 from fleet_server.commands.models import Command
 from fleet_server.extensions import db
+from fleet_server.messaging import ingest
+from fleet_server.messaging.mqtt import request_properties
 from fleet_server.models import utcnow
 
 
@@ -244,9 +245,14 @@ def test_a_queued_command_past_its_ttl_expires_and_is_never_published(app, clien
         db.session.execute(db.update(Command).values(created_at=utcnow() - timedelta(seconds=5),
                                                      expires_at=utcnow() - timedelta(seconds=1)))
         db.session.commit()
-        service.publish_pending(lambda *message: published.append(message) or True)
+        service.publish_pending(_publishing_into(published))
     stored = _stored(app, command["id"])
     assert stored.state == "expired" and "TTL" in stored.error and published == []
+
+
+def _publishing_into(published):
+    """A sweep's publish that keeps (topic, payload, the MQTT v5 properties the broker link builds)."""
+    return lambda topic, payload, request: published.append((topic, payload, request_properties(request))) or True
 
 
 def test_the_sweep_publishes_an_unsent_command_with_mqtt_v5_properties(app, client, auth, device):
@@ -256,8 +262,8 @@ def test_the_sweep_publishes_an_unsent_command_with_mqtt_v5_properties(app, clie
     with app.app_context():
         db.session.execute(db.update(Command).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
         db.session.commit()
-        assert service.publish_pending(lambda *message: published.append(message) or True) == 1
-        assert service.publish_pending(lambda *message: published.append(message) or True) == 0
+        assert service.publish_pending(_publishing_into(published)) == 1
+        assert service.publish_pending(_publishing_into(published)) == 0
     (topic, payload, properties), = published
     assert topic == wire.device_topic(device["unit_id"], "commands")
     message = wire.decode(wire.command_message, payload)
@@ -284,7 +290,7 @@ def _sweep(app, at):
         db.session.execute(db.update(Command).where(Command.next_attempt_at.is_not(None))
                            .values(next_attempt_at=at - timedelta(seconds=1)))
         db.session.commit()
-        service.publish_pending(lambda *message: published.append(message) or True)
+        service.publish_pending(_publishing_into(published))
     return published
 
 

@@ -13,7 +13,7 @@ import threading
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from ..mqtt import _nodelay
+from ..messaging.mqtt import _nodelay
 
 log = logging.getLogger(__name__)
 

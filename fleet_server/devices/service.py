@@ -2,7 +2,8 @@
 import functools
 import logging
 
-from .. import broker_accounts, outbox
+from .. import broker_accounts
+from ..messaging import outbox
 from ..driver_statements import DriverStatement
 from ..errors import Conflict, NotFound
 from ..extensions import db

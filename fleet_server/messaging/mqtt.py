@@ -1,19 +1,58 @@
-"""The server's MQTT link: one paho client per process, connected lazily."""
+"""The server's MQTT link: the one place that sets up paho (TCP_NODELAY, reconnects, MQTT v5 properties).
+
+Domain code hands it plain values (a `Request`'s response topic, correlation id and expiry);
+the properties paho needs are built here.
+"""
 import logging
 import os
 import random
 import socket
 import threading
 import time
+from typing import NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from .config import mqtt_endpoint
+from ..config import mqtt_endpoint
 
 log = logging.getLogger(__name__)
+
+
+class Request(NamedTuple):
+    """What an MQTT v5 request carries besides its payload: where to answer, what the answer
+    carries back to match it, and how long the broker may hold it for a sleeping device."""
+
+    response_topic: str
+    correlation_id: str
+    expiry_seconds: int
+
+
+def request_properties(request: Request | None) -> Properties | None:
+    """The PUBLISH properties of a request (None publishes a plain message)."""
+    if request is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = request.response_topic
+    properties.CorrelationData = request.correlation_id.encode()
+    properties.MessageExpiryInterval = max(1, int(request.expiry_seconds))
+    return properties
+
+
+def connect_session(client: paho.Client, host: str, port: int, *, session_expiry: int):
+    """Connect at once (blocking), resuming the persistent session of the client's id, kept `session_expiry` s."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry
+    client.connect(host, port, keepalive=30, clean_start=False, properties=properties)
+
+
+def end_session(client: paho.Client):
+    """Disconnect and have the broker forget the session (expiry 0), with whatever it still queues."""
+    properties = Properties(PacketTypes.DISCONNECT)
+    properties.SessionExpiryInterval = 0
+    client.disconnect(properties=properties)
 
 
 def _nodelay(client, userdata, sock):
@@ -94,13 +133,13 @@ class Publisher:
             return False
         return client.is_connected()
 
-    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, properties=None) -> bool:
+    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, request=None) -> bool:
         """Publish and wait for the broker's acknowledgement; False if it did not come."""
         timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
         if not self.ready():
             return False
         return publish_and_wait(self._client, topic, payload, retain=retain, qos=qos, timeout=timeout,
-                                properties=properties)
+                                request=request)
 
     def publish_many(self, messages, *, retain=False, qos=1, timeout=None) -> list[bool]:
         """Publish [(topic, payload)] without waiting in between; which ones the broker acknowledged."""
@@ -118,10 +157,11 @@ class Publisher:
             self._client.loop_stop()
 
 
-def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0, properties=None) -> bool:
+def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0, request: Request | None = None) -> bool:
+    """Publish (as a request when `request` is given) and wait for the broker's acknowledgement."""
     if not client.is_connected():
         return False
-    info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+    info = client.publish(topic, payload, qos=qos, retain=retain, properties=request_properties(request))
     try:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError) as exc:

@@ -1,7 +1,7 @@
 """Project operations, callable without HTTP."""
 import logging
 
-from .. import outbox
+from ..messaging import outbox
 from ..errors import Conflict, NotFound
 from ..extensions import db
 from ..models import Device, Project, Release, release_devices

@@ -1,7 +1,7 @@
 """Registry operations, callable without HTTP, and the credentials a release document carries."""
 import logging
 
-from .. import outbox
+from ..messaging import outbox
 from ..encryption import decrypt, encrypt
 from ..errors import Conflict, NotFound
 from ..extensions import db
