@@ -22,7 +22,7 @@ from . import __version__, logbuffer
 from .commands import ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .execution import CommandRunner
-from .release_policy import ReleasePolicy
+from fleet_wire.release_policy import ReleasePolicy
 from .pending_reports import DEFAULT_LIMIT, DEFAULT_RESEND_INTERVAL, PendingReports
 from .state import RegistryStore, ReleaseQueue
 from .telemetry import Telemetry, TelemetryConfig

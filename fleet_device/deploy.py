@@ -25,8 +25,8 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 import fleet_wire as wire
 
 
-from . import release_policy
-from .release_policy import ReleasePolicy
+from fleet_wire import release_policy
+from fleet_wire.release_policy import ReleasePolicy
 from .state import Journal
 
 log = logging.getLogger(__name__)

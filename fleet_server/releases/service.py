@@ -12,7 +12,7 @@ import re
 from flask import current_app
 from sqlalchemy.orm import selectinload
 
-from fleet_device import release_policy
+from fleet_wire import release_policy
 
 from ..messaging import outbox
 from ..errors import FleetError, Forbidden, NotFound
