@@ -2,7 +2,8 @@
 #
 #   make install   apt packages (only the missing ones), .venv, editable install
 #   make engine    start dockerd (loopback-only published ports) unless one answers
-#   make test      install + engine, then pytest $(PYTEST_ARGS); the tests start their own
+#   make test      install + engine, then lint-imports (the import floors of .importlinter)
+#                  and pytest $(PYTEST_ARGS); the tests start their own
 #                  throwaway PostgreSQL cluster (Debian's postgresql, on a free loopback port)
 #                  unless FLEET_TEST_POSTGRES_URL names a server to use
 #   make run       install + engine, then `fleet-server devstack`
@@ -86,6 +87,7 @@ engine: packages
 	echo "dockerd is up"
 
 test: install engine
+	$(VENV)/bin/lint-imports
 	$(TEST_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 run: install engine
