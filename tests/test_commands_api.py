@@ -335,19 +335,6 @@ def test_the_command_message_is_what_the_wire_schema_encodes_and_the_device_deco
         command_id, arg, kwarg, timeout, deadline)
 
 
-@pytest.mark.parametrize("published, timeout", [(True, None), (False, 5), (True, 2.5)])
-def test_the_answer_to_a_post_is_what_the_command_schema_dumps(app, published, timeout):
-    from fleet_server.commands.schemas import CommandSchema, created_command_document
-
-    now = utcnow()
-    row = {"id": str(uuid.uuid4()), "device_id": str(uuid.uuid4()), "command": "docker.logs",
-           "arg": ["web", {"b": 1}], "kwarg": {"tail": 5, "ä": None}, "timeout": timeout, "ttl": 60,
-           "state": "queued", "truncated": False, "created_at": now, "expires_at": now + timedelta(seconds=60),
-           "published_at": now if published else None, "attempts": int(published), "next_attempt_at": now}
-    with app.app_context():
-        assert created_command_document(row) == CommandSchema().dump(Command(**row))
-
-
 def test_the_answer_to_a_post_reads_back_the_same_from_the_database(client, auth, device):
     created = _execute(client, auth, device, command="docker.logs", arg=["web"], kwarg={"tail": 5}, timeout=3)
     assert created.status_code == 201 and created.mimetype == "application/json"

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 
 from flask import current_app
 
@@ -50,8 +49,8 @@ _INSERT_COMMAND = DriverStatement(
 )
 
 
-def create_command(device_pk: str, data: dict) -> dict:
-    """Store the command, publish it, and return its row's values as they were created."""
+def create_command(device_pk: str, data: dict) -> Command:
+    """Store the command, publish it, and return it as it was created (not attached to the session)."""
     connection = db.session.connection()
     found = _UNIT_ID_OF.rows(connection, {"device_pk": device_pk})
     if not found:
@@ -84,10 +83,10 @@ def create_command(device_pk: str, data: dict) -> dict:
     # as it was created, whatever a worker stores meanwhile.
     _INSERT_COMMAND.run(connection, row)
     db.session.commit()
-    # Published from the row's values, before anything is built for the response.
-    if not _publish_now(SimpleNamespace(**row), unit_id):
-        _mark_unpublished(row)
-    return row
+    command = Command(**row)  # the command as stored, for the publication and the answer; never flushed
+    if not _publish_now(command, unit_id):
+        _mark_unpublished(command)
+    return command
 
 
 def get_command(device_pk: str, command_id: str) -> Command:
@@ -157,18 +156,18 @@ def _publish_now(command, unit_id: str) -> bool:
     return False
 
 
-def _mark_unpublished(row: dict):
+def _mark_unpublished(command: Command):
     """The broker did not take it: leave it to the worker's sweep, at once."""
     try:
         db.session.execute(
-            db.update(Command).where(Command.id == row["id"], Command.attempts == 1)
+            db.update(Command).where(Command.id == command.id, Command.attempts == 1)
             .values(published_at=None, attempts=0, next_attempt_at=utcnow())
         )
         db.session.commit()
     except Exception:  # the sweep asks again after the first interval anyway
-        log.exception("could not mark command %s unpublished", row["id"])
+        log.exception("could not mark command %s unpublished", command.id)
         db.session.rollback()
-    row.update(published_at=None, attempts=0)
+    command.published_at, command.attempts = None, 0
 
 
 def expire_overdue(now: datetime | None = None) -> int:
