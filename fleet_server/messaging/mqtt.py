@@ -63,8 +63,9 @@ def _nodelay(client, userdata, sock):
         pass
 
 
-def make_client(config, client_id, *, persistent=False, manual_ack=False) -> paho.Client:
-    """A paho MQTT v5 client configured from the app config, not yet connected."""
+def new_client(client_id: str, *, username=None, password=None, tls=False, ca_file=None, manual_ack=False,
+               reconnect_max_delay: float = 30) -> paho.Client:
+    """A paho MQTT v5 client with TCP_NODELAY and reconnects backing off from 1 s, not yet connected."""
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -72,12 +73,19 @@ def make_client(config, client_id, *, persistent=False, manual_ack=False) -> pah
         manual_ack=manual_ack,
     )
     client.on_socket_open = _nodelay
-    if config.get("FLEET_MQTT_USERNAME"):
-        client.username_pw_set(config["FLEET_MQTT_USERNAME"], config.get("FLEET_MQTT_PASSWORD"))
-    host, port, tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
+    if username:
+        client.username_pw_set(username, password)
     if tls:
-        client.tls_set(ca_certs=config.get("FLEET_MQTT_CA_FILE"))
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.tls_set(ca_certs=ca_file)
+    client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_delay)
+    return client
+
+
+def make_client(config, client_id, *, persistent=False, manual_ack=False) -> paho.Client:
+    """A paho MQTT v5 client configured from the app config, not yet connected."""
+    host, port, tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
+    client = new_client(client_id, username=config.get("FLEET_MQTT_USERNAME"), password=config.get("FLEET_MQTT_PASSWORD"),
+                        tls=tls, ca_file=config.get("FLEET_MQTT_CA_FILE"), manual_ack=manual_ack)
     # paho holds back publishes beyond 20 unacknowledged; a fleet-wide release is thousands
     # of them, and the broker's own Receive Maximum is the limit that matters.
     client.max_inflight_messages_set(1000)
