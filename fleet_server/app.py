@@ -4,14 +4,15 @@ from pathlib import Path
 from flask import Blueprint, Flask
 from sqlalchemy import event
 
-from . import __version__, all_models, config as fleet_config, extensions
+from . import __version__, config as fleet_config, extensions
+from . import all_models  # noqa: F401  (every model, so the metadata holds every table)
 from .commands.service import record_result
-from .logbook.service import record_telemetry
-from .messaging import ingest, outbox
-from .releases.service import release_contents
 from .errors import register_error_handlers
 from .http_security import register_security_headers
 from .json_rules import StrictJSONProvider
+from .logbook.service import record_telemetry
+from .messaging import ingest, outbox
+from .releases.service import release_contents
 from .request_limits import limit_request_bodies
 
 API_DESCRIPTION = """\

@@ -138,8 +138,8 @@ def releases_bump_seq(floor, skip_broker):
     in milliseconds; every release topic ever published is then queued again, so devices get the
     restored state with seqs above anything they have seen. Prints the seq the sequence stands at.
     """
-    from .messaging import outbox
     from .extensions import db
+    from .messaging import outbox
 
     marker = None
     if not skip_broker:

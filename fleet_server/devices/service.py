@@ -3,10 +3,10 @@ import functools
 import logging
 
 from .. import broker_accounts
-from ..messaging import outbox
 from ..driver_statements import DriverStatement
 from ..errors import Conflict, NotFound
 from ..extensions import db
+from ..messaging import outbox
 from ..models import Deployment, Device, Release, release_devices
 from ..pagination import page_envelope
 from .schemas import DOCUMENT_COLUMNS, DevicePageAnswer, device_answer, encode_answer

@@ -18,12 +18,12 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 import fleet_wire as wire
 
 from .. import broker_accounts
-from . import ingest, outbox, worker_sessions
 from ..commands import service as commands
 from ..config import mqtt_endpoint
 from ..deadletters import service as deadletters
 from ..extensions import db
 from ..models import Device
+from . import ingest, outbox, worker_sessions
 from .mqtt import connect, connect_session, end_session, make_client, publish_and_wait, publish_many
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from sqlalchemy.orm import selectinload
 
 from fleet_wire import release_policy
 
-from ..messaging import outbox
 from ..errors import FleetError, Forbidden, NotFound
 from ..extensions import db
+from ..messaging import outbox
 from ..models import Device, Project, Registry, Release, ReleaseContainer, release_devices
 from ..registries.service import credentials_for
 
