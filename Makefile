@@ -4,7 +4,8 @@
 #                  wheelhouse (var/wheelhouse: wheels of the agent's dependencies and of the
 #                  build backend, for installing the agent without the package index)
 #   make engine    start dockerd (loopback-only published ports) unless one answers
-#   make test      install + engine, then pytest $(PYTEST_ARGS); the tests start their own
+#   make test      install + engine, then lint-imports (the import floors of .importlinter)
+#                  and pytest $(PYTEST_ARGS); the tests start their own
 #                  throwaway PostgreSQL cluster (Debian's postgresql, on a free loopback port)
 #                  unless FLEET_TEST_POSTGRES_URL names a server to use
 #   make run       install + engine, then `fleet-server devstack`
@@ -98,6 +99,7 @@ engine: packages
 	echo "dockerd is up"
 
 test: install engine
+	$(VENV)/bin/lint-imports
 	$(TEST_ENV) $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 run: install engine

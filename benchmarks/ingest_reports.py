@@ -65,7 +65,7 @@ def _reports(units, project_id: int, release_id: int, state: str) -> list[tuple[
 
 def _store(messages) -> tuple[float, int]:
     """Seconds and statements to store `messages` in batches of BATCH; every one must be stored."""
-    from fleet_server import ingest
+    from fleet_server.messaging import ingest
     from fleet_server.extensions import db
 
     statements = 0

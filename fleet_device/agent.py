@@ -9,13 +9,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import fleet_wire as wire
+from fleet_wire.release_policy import ReleasePolicy
 
 
 from . import __version__, logbuffer
 from .commands import CommandContext, CommandRunner, ContainerScope
 from .deploy import Deployer, DeployError, Recovery, release_image_refs
 from .mqtt import DeviceMqtt, MqttSettings, Received
-from .release_policy import ReleasePolicy
 from .pending_reports import DEFAULT_LIMIT, DEFAULT_RESEND_INTERVAL, PendingReports
 from .state import RegistryStore, ReleaseQueue
 from .telemetry import Telemetry, TelemetryConfig

@@ -109,7 +109,7 @@ def _yes_no(text) -> bool:
 
 
 def _bind_roots(text: str) -> tuple[str, ...]:
-    from .release_policy import parse_bind_roots
+    from fleet_wire.release_policy import parse_bind_roots
 
     try:
         return parse_bind_roots(text, "FLEET_DEVICE_ALLOWED_BIND_ROOTS")
@@ -296,7 +296,7 @@ def run(args) -> int:
     from .commands import ContainerScope
     from .local_api import LocalApi, build_gate, is_loopback
     from .provisioning import check_broker_certificate
-    from .release_policy import ReleasePolicy
+    from fleet_wire.release_policy import ReleasePolicy
     from .telemetry import TelemetryConfig
 
     try:

@@ -5,9 +5,14 @@ from flask import Blueprint, Flask
 from sqlalchemy import event
 
 from . import __version__, config as fleet_config, extensions
+from . import all_models  # noqa: F401  (every model, so the metadata holds every table)
+from .commands.service import record_result
 from .errors import register_error_handlers
 from .http_security import register_security_headers
 from .json_rules import StrictJSONProvider
+from .logbook.service import record_telemetry
+from .messaging import ingest, outbox
+from .releases.service import release_contents
 from .request_limits import limit_request_bodies
 
 API_DESCRIPTION = """\
@@ -60,6 +65,8 @@ def create_app(config=None) -> Flask:
 
     extensions.init_app(app)
     _configure_sqlite(app)
+    register_report_handlers()
+    outbox.init_app(app, release_contents=release_contents)
     register_blueprints(app)
     register_docs_assets(app)
     register_error_handlers(app)
@@ -81,6 +88,12 @@ def _configure_sqlite(app):
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         with app.app_context():
             event.listen(extensions.db.engine, "connect", _sqlite_pragmas)
+
+
+def register_report_handlers():
+    """Hand the ingest dispatcher each feature's recorder of device reports."""
+    ingest.register("telemetry", record_telemetry)
+    ingest.register("results", record_result)
 
 
 def register_blueprints(app):

@@ -138,8 +138,8 @@ def releases_bump_seq(floor, skip_broker):
     in milliseconds; every release topic ever published is then queued again, so devices get the
     restored state with seqs above anything they have seen. Prints the seq the sequence stands at.
     """
-    from . import outbox
     from .extensions import db
+    from .messaging import outbox
 
     marker = None
     if not skip_broker:
@@ -179,7 +179,7 @@ def provisioning_tokens_create(name, expires_in):
 @with_appcontext
 def worker(worker_id, heartbeat_file):
     """Consume device reports and publish pending releases."""
-    from .worker import run_worker
+    from .messaging.worker import run_worker
 
     run_worker(current_app._get_current_object(), worker_id, heartbeat_file)
 

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
-from fleet_device.release_policy import parse_bind_roots
+from fleet_wire.release_policy import parse_bind_roots
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ account, and the local agent registers with a provisioning token like any device
 connects over TLS with the account it was given. A component that exits is started again
 (with a line saying so, and a growing pause while it keeps dying); Ctrl-C stops them all.
 """
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,18 @@ def _port(name, default):
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise SystemExit(f"{name}={raw!r}: expected a TCP port number")
     return int(raw)
+
+
+def _registered_identity(state_dir: Path) -> tuple[str, str] | None:
+    """(device_id, unit_id) from the identity file `fleet-device register` writes in its state dir; None before.
+
+    Read as the agent's file, not through the agent's code: the server does not import the agent.
+    """
+    try:
+        document = json.loads((state_dir / "identity.json").read_text())
+        return document["device_id"], document["unit_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _bin(name):
@@ -130,11 +143,9 @@ class Stack:
 
     def local_device(self, api: str) -> tuple[str, str]:
         """Register this machine like any device (once); its identity and broker account stay in its state dir."""
-        from fleet_device.provisioning import load_identity
-
         device_dir = self.var / "device"
         state_dir = device_dir / "state"
-        identity = load_identity(state_dir)
+        identity = _registered_identity(state_dir)
         if identity is None:
             hardware_file = device_dir / "hardware_id"
             if not hardware_file.exists():
@@ -151,9 +162,12 @@ class Stack:
             )
             if registered.returncode != 0:
                 raise SystemExit(f"the local device could not register: {registered.stderr.strip()}")
-            identity = load_identity(state_dir)
-        (device_dir / "unit_id").write_text(identity.unit_id + "\n")
-        return identity.device_id, identity.unit_id
+            identity = _registered_identity(state_dir)
+            if identity is None:
+                raise SystemExit(f"fleet-device register left no identity in {state_dir}")
+        device_id, unit_id = identity
+        (device_dir / "unit_id").write_text(unit_id + "\n")
+        return device_id, unit_id
 
     def start(self):
         self.prepare()

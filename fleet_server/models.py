@@ -203,10 +203,3 @@ class ReleaseTopic(db.Model):
 
     unit_id: Mapped[str] = mapped_column(db.String(36), primary_key=True)
     project_id: Mapped[int] = mapped_column(primary_key=True)
-
-
-# Models of other features, imported here so Alembic and the app see them.
-from .provisioning.models import DeviceHardware, ProvisioningToken  # noqa: E402,F401
-from .worker_sessions import IngestSession  # noqa: E402,F401  (ingest workers' broker sessions)
-from .logbook import models as _logbook_models  # noqa: E402,F401
-from .commands import models as command_models  # noqa: E402,F401

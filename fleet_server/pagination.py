@@ -1,5 +1,4 @@
 """Limit/offset pagination with a total count, in the envelope AutoPi's API uses."""
-from json.encoder import encode_basestring_ascii
 from urllib.parse import urlencode
 
 from flask import current_app, request
@@ -43,14 +42,6 @@ def page_envelope(total, limit, offset, results):
         "previous": _link(max(offset - limit, 0), limit) if offset > 0 else None,
         "results": results,
     }
-
-
-def page_json(total, limit, offset, results_json: list[str]) -> str:
-    """page_envelope's answer as the JSON text Flask's JSON provider writes, from each result's JSON text."""
-    envelope = page_envelope(total, limit, offset, None)
-    links = [encode_basestring_ascii(envelope[key]) if envelope[key] is not None else "null"
-             for key in ("next", "previous")]
-    return '{"count":%d,"next":%s,"previous":%s,"results":[%s]}' % (total, *links, ",".join(results_json))
 
 
 def paginate(statement, limit, offset):

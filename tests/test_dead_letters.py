@@ -14,7 +14,7 @@ import fleet_wire as wire
 from fleet_server import broker_accounts, models
 from fleet_server.deadletters import service as dead_letters
 from fleet_server.extensions import db
-from fleet_server.worker import Outcome, store_reports
+from fleet_server.messaging.worker import Outcome, store_reports
 from tests.support.infra import free_port
 from tests.support.stack import eventually, make_app, release_payload, running_stack
 

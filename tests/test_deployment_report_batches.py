@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import event
 
 import fleet_wire as wire
-from fleet_server import ingest
+from fleet_server.messaging import ingest
 from fleet_server.extensions import db
 from fleet_server.models import Deployment
 from tests.support.stack import release_payload

@@ -4,7 +4,7 @@ import time
 import pytest
 
 import fleet_wire as wire
-from fleet_server.ingest import handle_message
+from fleet_server.messaging.ingest import handle_message
 from tests.support.stack import release_payload
 
 

@@ -16,7 +16,7 @@ import requests
 from paho.mqtt.enums import CallbackAPIVersion
 
 import fleet_wire as wire
-from fleet_server import ingest
+from fleet_server.messaging import ingest
 from tests.support.infra import build_busybox_variant
 from tests.support.stack import eventually, release_payload
 

@@ -15,7 +15,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
 import fleet_wire as wire
-from fleet_server.worker import IngestWorker
+from fleet_server.messaging.worker import IngestWorker
 from tests.support.infra import close_mqtt, connect_mqtt
 from tests.support.stack import add_release_for_new_devices, eventually
 

@@ -5,7 +5,7 @@ import time
 import pytest
 
 import fleet_wire as wire
-from fleet_server import ingest
+from fleet_server.messaging import ingest
 from fleet_server.extensions import db
 from fleet_server.models import Deployment, Device
 from tests.support.stack import release_payload

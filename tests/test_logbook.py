@@ -11,7 +11,7 @@ import pytest
 from marshmallow import ValidationError
 
 import fleet_wire as wire
-from fleet_server import ingest
+from fleet_server.messaging import ingest
 from fleet_server.extensions import db
 from fleet_server.logbook import service
 from fleet_server.logbook.models import TelemetryBatch, TelemetryReading

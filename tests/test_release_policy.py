@@ -1,7 +1,7 @@
 """The release policy both sides apply: which parts of a release need trust, and the bind allow-list's edges."""
 import pytest
 
-from fleet_device.release_policy import (
+from fleet_wire.release_policy import (
     DATA_ROOT, DEFAULT_BIND_ROOTS, LOCK_ROOT, ReleasePolicy, bind_allowed, describe, normalise, parse_bind_roots,
     violations,
 )

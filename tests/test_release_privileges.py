@@ -11,7 +11,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import fleet_wire as wire
 from fleet_device.deploy import DeployError, Deployer
-from fleet_device.release_policy import DATA_ROOT, LOCK_ROOT, ReleasePolicy
+from fleet_wire.release_policy import DATA_ROOT, LOCK_ROOT, ReleasePolicy
 from fleet_server.app import create_app
 from fleet_server.config import ConfigError
 from tests.support.deploy import SERVE, message, owned_containers, release, spec, workload

@@ -116,7 +116,7 @@ def _release(project, devices, version):
 
 
 def test_the_seq_only_grows_across_create_retarget_and_delete(app):
-    from fleet_server import outbox
+    from fleet_server.messaging import outbox
     from fleet_server.releases import service
 
     with app.app_context():
@@ -147,7 +147,7 @@ def test_the_seq_only_grows_across_create_retarget_and_delete(app):
 
 
 def test_a_tombstone_carries_a_seq_and_a_failed_publication_never_gives_its_seq_out_again(app):
-    from fleet_server import outbox
+    from fleet_server.messaging import outbox
     from fleet_server.extensions import db
     from fleet_server.projects import service as projects
 
@@ -175,7 +175,7 @@ def test_a_tombstone_carries_a_seq_and_a_failed_publication_never_gives_its_seq_
 
 
 def test_the_marker_check_republishes_every_topic_when_the_broker_is_behind_and_nothing_when_it_is_not(app):
-    from fleet_server import outbox
+    from fleet_server.messaging import outbox
     from fleet_server.extensions import db
     from fleet_server.models import Publication
 
@@ -198,7 +198,7 @@ def test_the_marker_check_republishes_every_topic_when_the_broker_is_behind_and_
 
 def test_a_marker_ahead_of_the_database_moves_the_sequence_past_it(app):
     """A database restored from a backup: devices have seen seqs the database never issued."""
-    from fleet_server import outbox
+    from fleet_server.messaging import outbox
 
     with app.app_context():
         project, devices = _fleet(1)
@@ -212,7 +212,7 @@ def test_a_marker_ahead_of_the_database_moves_the_sequence_past_it(app):
 
 
 def test_bump_seq_moves_the_sequence_past_now_and_queues_every_topic(app):
-    from fleet_server import outbox
+    from fleet_server.messaging import outbox
     from fleet_server.cli import main
 
     with app.app_context():
@@ -385,7 +385,7 @@ def test_a_broker_killed_inside_its_autosave_interval_never_rolls_a_device_back(
 
 
 def test_the_marker_is_read_from_the_broker_missing_present_or_malformed(snapshot_broker):
-    from fleet_server import outbox
+    from fleet_server.messaging import outbox
 
     config = {"FLEET_MQTT_URL": snapshot_broker.url}
     assert outbox.read_marker(config, grace=0.5) is None

@@ -24,7 +24,7 @@ import fleet_wire as wire
 from fleet_device.pending_reports import PendingReports
 from fleet_device.telemetry import Telemetry, TelemetryConfig
 from fleet_server import broker_accounts
-from fleet_server.worker import Outcome, confirmations
+from fleet_server.messaging.worker import Outcome, confirmations
 from tests.support.infra import build_busybox_variant, wait_for_mqtt
 from tests.support.stack import eventually, release_payload, running_stack
 from tests.test_broker_security import Connection

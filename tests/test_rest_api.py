@@ -351,8 +351,8 @@ def test_a_flush_that_computed_before_a_commit_never_publishes_after_it(live, br
 
     Without the outbox lock A's stale document would land last.
     """
-    from fleet_server import outbox
-    from fleet_server.mqtt import publisher_for
+    from fleet_server.messaging import outbox
+    from fleet_server.messaging.mqtt import publisher_for
 
     first = create_release(live, project, [device], tag="v1")
     with live.app.app_context():

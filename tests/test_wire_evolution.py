@@ -74,7 +74,7 @@ def test_a_deployment_state_is_a_known_one_or_a_newer_agents_word_but_never_the_
 
 
 def test_an_unknown_deployment_state_and_unknown_fields_are_recorded_as_the_agent_sent_them(app, client, auth):
-    from fleet_server import ingest
+    from fleet_server.messaging import ingest
     from fleet_server.extensions import db
     from fleet_server.models import Deployment
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import docker
 
-from ..release_policy import ReleasePolicy
+from fleet_wire.release_policy import ReleasePolicy
 from . import executor
 from .docker_engine import DockerEngine
 from .errors import DeployError

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .. import release_policy
-from ..release_policy import ReleasePolicy
+from fleet_wire import release_policy
+from fleet_wire.release_policy import ReleasePolicy
 from .errors import DeployError
 from .steps import DropBackup, Login, Prune, Pull, Purge, Remove, Start, Step, Stop, Verify
 

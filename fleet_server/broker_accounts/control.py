@@ -11,9 +11,8 @@ import secrets
 import threading
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from ..mqtt import _nodelay
+from ..messaging.mqtt import new_client
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +42,12 @@ class DynSecControl:
         self._ready = threading.Event()
         self._refused: str | None = None
         self._address = (host, port)
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"fleet-dynsec-{secrets.token_hex(4)}",
-            protocol=MQTTProtocolVersion.MQTTv5,
-        )
-        self.client.username_pw_set(username, password)
-        if tls:
-            self.client.tls_set(ca_certs=ca_file)
-        self.client.on_socket_open = _nodelay
+        self.client = new_client(client_id or f"fleet-dynsec-{secrets.token_hex(4)}", username=username,
+                                 password=password, tls=tls, ca_file=ca_file, reconnect_max_delay=10)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.on_disconnect = lambda *args: self._ready.clear()
-        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._started = False
         self._start_lock = threading.Lock()
 

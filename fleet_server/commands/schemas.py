@@ -57,32 +57,3 @@ class CommandSchema(StrictSchema):
 
 
 CommandPage = page_schema(CommandSchema, "CommandPage")
-
-
-def created_command_document(row: dict) -> dict:
-    """What CommandSchema dumps for a command just created from `row` (its table values): the
-    answer to the POST, built without an ORM object or a schema dump, which cost more than the
-    rest of the answer on the way from the request to the publication. Nothing has been
-    reported yet, so every device-side field is empty; tests pin it to the schema's dump.
-    """
-    published_at = row["published_at"]
-    return {
-        "id": row["id"],
-        "device": row["device_id"],
-        "command": row["command"],
-        "arg": list(row["arg"]),
-        "kwarg": dict(row["kwarg"]),
-        "timeout": None if row["timeout"] is None else float(row["timeout"]),
-        "ttl": int(row["ttl"]),
-        "state": row["state"],
-        "return": None,
-        "error": None,
-        "truncated": bool(row["truncated"]),
-        "created_at": row["created_at"].isoformat(),
-        "expires_at": row["expires_at"].isoformat(),
-        "published_at": None if published_at is None else published_at.isoformat(),
-        "delivered_at": None,
-        "started_at": None,
-        "finished_at": None,
-        "completed_at": None,
-    }

@@ -11,11 +11,8 @@ import json
 import logging
 import math
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 
 from flask import current_app
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 import fleet_wire as wire
 
@@ -23,7 +20,8 @@ from ..devices.service import get_device
 from ..driver_statements import DriverStatement
 from ..errors import NotFound, ValidationError
 from ..extensions import db
-from ..ingest import Rejected
+from ..messaging.ingest import Rejected
+from ..messaging.mqtt import Request, publisher_for
 from ..models import Device, new_uuid, utcnow
 from .models import Command
 
@@ -51,8 +49,8 @@ _INSERT_COMMAND = DriverStatement(
 )
 
 
-def create_command(device_pk: str, data: dict) -> dict:
-    """Store the command, publish it, and return its row's values as they were created."""
+def create_command(device_pk: str, data: dict) -> Command:
+    """Store the command, publish it, and return it as it was created (not attached to the session)."""
     connection = db.session.connection()
     found = _UNIT_ID_OF.rows(connection, {"device_pk": device_pk})
     if not found:
@@ -85,10 +83,10 @@ def create_command(device_pk: str, data: dict) -> dict:
     # as it was created, whatever a worker stores meanwhile.
     _INSERT_COMMAND.run(connection, row)
     db.session.commit()
-    # Published from the row's values, before anything is built for the response.
-    if not _publish_now(SimpleNamespace(**row), unit_id):
-        _mark_unpublished(row)
-    return row
+    command = Command(**row)  # the command as stored, for the publication and the answer; never flushed
+    if not _publish_now(command, unit_id):
+        _mark_unpublished(command)
+    return command
 
 
 def get_command(device_pk: str, command_id: str) -> Command:
@@ -112,7 +110,7 @@ def retry_interval(attempts: int) -> timedelta:
 
 
 def message_for(command: Command, unit_id: str, now: datetime, first: bool | None = None):
-    """(topic, payload, MQTT v5 properties) of the command's next publication, or None when its
+    """(topic, payload, mqtt.Request) of the command's next publication, or None when its
     TTL passed before the device had it."""
     remaining = (command.expires_at - now).total_seconds()
     if command.attempts == 0 if first is None else first:
@@ -126,11 +124,8 @@ def message_for(command: Command, unit_id: str, now: datetime, first: bool | Non
         return None
     payload = wire.command_payload(command.id, command.command, command.arg, command.kwarg, command.timeout,
                                    command.expires_at.timestamp())
-    properties = Properties(PacketTypes.PUBLISH)
-    properties.ResponseTopic = wire.device_topic(unit_id, "results")
-    properties.CorrelationData = command.id.encode()
-    properties.MessageExpiryInterval = max(1, math.ceil(expiry))
-    return wire.device_topic(unit_id, "commands"), payload, properties
+    request = Request(wire.device_topic(unit_id, "results"), command.id, max(1, math.ceil(expiry)))
+    return wire.device_topic(unit_id, "commands"), payload, request
 
 
 def _mark_published(command: Command, when: datetime):
@@ -147,14 +142,12 @@ def _mark_published(command: Command, when: datetime):
 
 def _publish_now(command, unit_id: str) -> bool:
     """Hand a just-committed command to the broker; False if it did not take it."""
-    from ..mqtt import publisher_for
-
     try:
         message = message_for(command, unit_id, utcnow(), first=True)
         if message is None:
             return False
-        topic, payload, properties = message
-        if publisher_for(current_app).publish(topic, payload, properties=properties):
+        topic, payload, request = message
+        if publisher_for(current_app).publish(topic, payload, request=request):
             log.info("command=%s device=%s published", command.id, command.device_id)
             return True
     except Exception:  # the command is stored; the request succeeded either way
@@ -163,18 +156,18 @@ def _publish_now(command, unit_id: str) -> bool:
     return False
 
 
-def _mark_unpublished(row: dict):
+def _mark_unpublished(command: Command):
     """The broker did not take it: leave it to the worker's sweep, at once."""
     try:
         db.session.execute(
-            db.update(Command).where(Command.id == row["id"], Command.attempts == 1)
+            db.update(Command).where(Command.id == command.id, Command.attempts == 1)
             .values(published_at=None, attempts=0, next_attempt_at=utcnow())
         )
         db.session.commit()
     except Exception:  # the sweep asks again after the first interval anyway
-        log.exception("could not mark command %s unpublished", row["id"])
+        log.exception("could not mark command %s unpublished", command.id)
         db.session.rollback()
-    row.update(published_at=None, attempts=0)
+    command.published_at, command.attempts = None, 0
 
 
 def expire_overdue(now: datetime | None = None) -> int:
@@ -196,7 +189,7 @@ def expire_overdue(now: datetime | None = None) -> int:
 
 def publish_pending(publish, limit: int = 500) -> int:
     """Expire what is overdue, then (re)publish every unfinished command that is due, with
-    `publish(topic, payload, properties) -> bool`.
+    `publish(topic, payload, request) -> bool`.
 
     Returns how many were published; stops at the first the broker does not take.
     """

@@ -1,5 +1,4 @@
 """HTTP endpoints for /dongle/devices/{device_pk}/execute/: run a command, poll for its result."""
-from flask import jsonify
 from flask.views import MethodView
 
 from ..blueprint import Blueprint
@@ -7,7 +6,7 @@ from ..links import CREATED_ID, created_links, links_to
 from ..pagination import paginate
 from ..schemas import PaginationArgs
 from . import service
-from .schemas import CommandCreateSchema, CommandPage, CommandSchema, created_command_document
+from .schemas import CommandCreateSchema, CommandPage, CommandSchema
 
 blp = Blueprint(
     "commands",
@@ -34,8 +33,7 @@ class Commands(MethodView):
     ))
     def post(self, data, device_pk):
         """Execute a command on the device; returns at once with the command `queued`"""
-        # The document CommandSchema describes, built straight from the new row's values.
-        return jsonify(created_command_document(service.create_command(device_pk, data))), 201
+        return service.create_command(device_pk, data)
 
 
 @blp.route("/<string:command_id>/")

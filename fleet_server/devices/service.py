@@ -2,13 +2,14 @@
 import functools
 import logging
 
-from .. import broker_accounts, outbox
+from .. import broker_accounts
 from ..driver_statements import DriverStatement
 from ..errors import Conflict, NotFound
 from ..extensions import db
+from ..messaging import outbox
 from ..models import Deployment, Device, Release, release_devices
-from ..pagination import page_json
-from .schemas import DOCUMENT_COLUMNS, device_json
+from ..pagination import page_envelope
+from .schemas import DOCUMENT_COLUMNS, DevicePageAnswer, device_answer, encode_answer
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,8 @@ def device_by_unit_id(unit_id: str) -> Device | None:
 # The list and retrieve answers are the API's hottest reads. They are read with Core
 # statements built once and run on the driver (DriverStatement: building a statement,
 # loading ORM entities or SQLAlchemy's result processing cost more than running the query),
-# and written by schemas.device_json straight from the driver's values as the JSON text
-# DeviceSchema would give: converting timestamps and tags to Python values only to write
-# them out again cost more than the query too.
+# and encoded from schemas.DeviceAnswer, built straight from the driver's values (converting
+# timestamps and tags to Python values only to write them out again cost more than the query).
 _device = Device.__table__
 _deployment = Deployment.__table__
 _document_columns = [_device.c[name] for name in DOCUMENT_COLUMNS]
@@ -96,16 +96,20 @@ def _page_statements(filters: tuple[str, ...]):
             DriverStatement(running), DriverStatement(count))
 
 
-def device_answer_json(device_id: str) -> str:
-    """The retrieve answer as JSON text: the device as DeviceSchema dumps it, read in one query."""
+def device_answer_json(device_id: str) -> bytes:
+    """The retrieve answer as JSON: the device as DeviceSchema dumps it, read in one query."""
     rows = _DEVICE_WITH_RUNNING_RELEASES.rows(db.session.connection(), {"device_id": device_id})
     if not rows:
         raise NotFound(f"device {device_id} does not exist")
-    return device_json(rows[0][:_COLUMN_COUNT], [row[-1] for row in rows if row[-1] is not None])
+    return encode_answer(device_answer(rows[0][:_COLUMN_COUNT], [row[-1] for row in rows if row[-1] is not None]))
 
 
-def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=None) -> str:
-    """The list answer `{count, next, previous, results}` as JSON text: what DevicePage dumps for the page
+def _page_answer(total: int, limit: int, offset: int, results: list) -> bytes:
+    return encode_answer(DevicePageAnswer(**page_envelope(total, limit, offset, results)))
+
+
+def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=None) -> bytes:
+    """The list answer `{count, next, previous, results}` as JSON: what DevicePage dumps for the page
     of devices in creation order, filtered by whichever of unit_id, name and online is given."""
     filters = {name: value for name, value in (("unit_id", None if unit_id is None else str(unit_id)),
                                                 ("name", name), ("online", online)) if value is not None}
@@ -114,12 +118,12 @@ def device_page_json(limit: int, offset: int, unit_id=None, name=None, online=No
     parameters = {**filters, "limit": limit, "offset": offset}
     devices = page_statement.rows(connection, parameters)
     if not devices:  # past the last device, or none matches
-        return page_json(count_statement.rows(connection, filters)[0][0], limit, offset, [])
+        return _page_answer(count_statement.rows(connection, filters)[0][0], limit, offset, [])
     running = {}  # device id -> ids of the releases it runs; a device another request added in between is not read
     for device_id, release_id in running_statement.rows(connection, parameters):
         running.setdefault(device_id, []).append(release_id)
-    return page_json(devices[0][_COLUMN_COUNT], limit, offset,
-                     [device_json(device[:_COLUMN_COUNT], running.get(device[0], ())) for device in devices])
+    return _page_answer(devices[0][_COLUMN_COUNT], limit, offset,
+                        [device_answer(device[:_COLUMN_COUNT], running.get(device[0], ())) for device in devices])
 
 
 def update_device(device: Device, data) -> Device:

@@ -8,9 +8,9 @@ from . import service
 from .schemas import DeviceListArgs, DevicePage, DevicePatchSchema, DeviceSchema, DeviceUpdateSchema
 
 
-def _json_answer(text: str):
-    """What jsonify would send for the value `text` encodes (Flask's JSON provider ends it with a newline)."""
-    return current_app.response_class(text + "\n", mimetype=current_app.json.mimetype)
+def _json_answer(body: bytes):
+    """What jsonify would send for the value `body` encodes (Flask's JSON provider ends it with a newline)."""
+    return current_app.response_class(body + b"\n", mimetype=current_app.json.mimetype)
 
 
 blp = Blueprint("devices", __name__, url_prefix="/dongle/devices", description="Devices of the fleet.")

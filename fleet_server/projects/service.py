@@ -1,9 +1,9 @@
 """Project operations, callable without HTTP."""
 import logging
 
-from .. import outbox
 from ..errors import Conflict, NotFound
 from ..extensions import db
+from ..messaging import outbox
 from ..models import Device, Project, Release, release_devices
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,10 @@
 """Registry operations, callable without HTTP, and the credentials a release document carries."""
 import logging
 
-from .. import outbox
 from ..encryption import decrypt, encrypt
 from ..errors import Conflict, NotFound
 from ..extensions import db
+from ..messaging import outbox
 from ..models import Device, Registry, Release, ReleaseContainer, release_devices
 
 log = logging.getLogger(__name__)

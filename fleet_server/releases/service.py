@@ -12,12 +12,13 @@ import re
 from flask import current_app
 from sqlalchemy.orm import selectinload
 
-from fleet_device import release_policy
+from fleet_wire import release_policy
 
-from .. import outbox
 from ..errors import FleetError, Forbidden, NotFound
 from ..extensions import db
+from ..messaging import outbox
 from ..models import Device, Project, Registry, Release, ReleaseContainer, release_devices
+from ..registries.service import credentials_for
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,14 @@ def active_release(device: Device, project_id: int) -> Release | None:
         .order_by(Release.id.desc())
         .limit(1)
     )
+
+
+def release_contents(release: Release) -> dict:
+    """What a device's release topic carries of its active release: the document and the registries it pulls from.
+
+    Decrypted credentials go only on the topic of a device the release targets, and only those it uses.
+    """
+    return {"release": release_document(release), "registries": credentials_for(release)}
 
 
 def release_document(release: Release) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 
 from fleet_device.deploy import LABEL_UNIT
-from fleet_device.release_policy import ReleasePolicy
+from fleet_wire.release_policy import ReleasePolicy
 from tests.support.infra import build_busybox_variant
 
 # The engine and crash tests bind temporary directories and replace initial containers: they are about

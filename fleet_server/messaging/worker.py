@@ -13,19 +13,18 @@ import threading
 import time
 from pathlib import Path
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 import fleet_wire as wire
 
-from . import broker_accounts, ingest, outbox, worker_sessions
-from .commands import service as commands
-from .config import mqtt_endpoint
-from .deadletters import service as deadletters
-from .extensions import db
-from .models import Device
-from .mqtt import connect, make_client, publish_and_wait, publish_many
+from .. import broker_accounts
+from ..commands import service as commands
+from ..config import mqtt_endpoint
+from ..deadletters import service as deadletters
+from ..extensions import db
+from ..models import Device
+from . import ingest, outbox, worker_sessions
+from .mqtt import connect, connect_session, end_session, make_client, publish_and_wait, publish_many
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +267,7 @@ class IngestWorker:
                 db.session.rollback()
             try:
                 commands.publish_pending(
-                    lambda topic, payload, properties: publish_and_wait(self.client, topic, payload,
-                                                                        properties=properties)
+                    lambda topic, payload, request: publish_and_wait(self.client, topic, payload, request=request)
                 )
             except Exception:
                 log.exception("command sweep failed")
@@ -439,10 +437,8 @@ class SessionDrain(threading.Thread):
         client.on_disconnect = lambda *args: self._events.setdefault("lost", True)
         client.on_message = lambda c, u, message: self._messages.append(message)
         host, port, _tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY
         deadline = time.monotonic() + self.budget
-        client.connect(host, port, keepalive=30, clean_start=False, properties=properties)
+        connect_session(client, host, port, session_expiry=SESSION_EXPIRY)
         if not self._loop_until("connected", time.monotonic() + 10) or self._events["connected"] is None:
             return False
         if self._events["connected"]:
@@ -466,9 +462,7 @@ class SessionDrain(threading.Thread):
                         db.session.remove()
                     last_claim = time.monotonic()
         # Ending the session (expiry 0) takes it out of the shared-subscription group.
-        properties = Properties(PacketTypes.DISCONNECT)
-        properties.SessionExpiryInterval = 0
-        client.disconnect(properties=properties)
+        end_session(client)
         client.loop(0.1)
         return True
 

@@ -12,7 +12,7 @@ import time
 
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .extensions import db
+from ..extensions import db
 
 
 class IngestSession(db.Model):

@@ -28,8 +28,9 @@ from flask import current_app
 
 import fleet_wire as wire
 
-from .extensions import db
-from .models import Device, Publication, Release, ReleaseSeqState, ReleaseTopic, release_devices, utcnow
+from ..extensions import db
+from ..models import Device, Publication, Release, ReleaseSeqState, ReleaseTopic, release_devices, utcnow
+from .mqtt import make_client, process_client_id, publisher_for
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,18 @@ def enqueue_pairs(pairs):
         db.session.execute(db.insert(Publication), rows)
 
 
+def init_app(app, release_contents):
+    """Hand the outbox the builder of what a release topic carries of a release.
+
+    `release_contents(release) -> {"release": document, "registries": [credentials]}` comes
+    from the releases feature; the outbox itself knows only topics, seqs and publishing.
+    """
+    app.extensions["fleet_release_contents"] = release_contents
+
+
+_NO_RELEASE = {"release": None, "registries": []}
+
+
 def messages_for(topics, seq: int) -> dict[tuple[str, int], bytes]:
     """The retained payload of each (unit_id, project_id) topic as the database stands now, carrying `seq`.
 
@@ -56,9 +69,7 @@ def messages_for(topics, seq: int) -> dict[tuple[str, int], bytes]:
     however many devices it goes to. A device no longer known gets an empty payload,
     which clears its retained topic on the broker.
     """
-    from .registries.service import credentials_for
-    from .releases.service import release_document
-
+    release_contents = current_app.extensions["fleet_release_contents"]
     topics = list(topics)
     units = {unit_id for unit_id, _project in topics}
     projects = {project_id for _unit, project_id in topics}
@@ -82,13 +93,7 @@ def messages_for(topics, seq: int) -> dict[tuple[str, int], bytes]:
         release_id = active.get((device_id, project_id))
         if (project_id, release_id) not in payloads:
             release = db.session.get(Release, release_id) if release_id is not None else None
-            document = {
-                "seq": seq,
-                "project_id": project_id,
-                "release": release_document(release) if release else None,
-                # Decrypted credentials go only on this device's own topic, and only those its release uses.
-                "registries": credentials_for(release) if release else [],
-            }
+            document = {"seq": seq, "project_id": project_id, **(release_contents(release) if release else _NO_RELEASE)}
             payloads[(project_id, release_id)] = wire.encode(wire.release_message, document)
         messages[(unit_id, project_id)] = payloads[(project_id, release_id)]
     return messages
@@ -295,8 +300,6 @@ def read_marker(config, timeout: float = 10.0, grace: float = 2.0) -> int | None
     retained message right after the subscription's acknowledgement; `grace` bounds how long
     its absence is awaited.
     """
-    from .mqtt import make_client, process_client_id
-
     found, refused, subscribed, answered = [], [], threading.Event(), threading.Event()
 
     def on_connect(client, userdata, flags, reason_code, properties):
@@ -351,8 +354,6 @@ def seq_floor_now() -> int:
 
 def flush_after_commit():
     """Try to publish right away; whatever the broker does not take stays for the worker's sweep."""
-    from .mqtt import publisher_for
-
     publisher = publisher_for(current_app)
     if not publisher.ready():
         return  # do not hold the lock waiting for a broker that is away; the sweep publishes later

@@ -1,19 +1,58 @@
-"""The server's MQTT link: one paho client per process, connected lazily."""
+"""The server's MQTT link: the one place that sets up paho (TCP_NODELAY, reconnects, MQTT v5 properties).
+
+Domain code hands it plain values (a `Request`'s response topic, correlation id and expiry);
+the properties paho needs are built here.
+"""
 import logging
 import os
 import random
 import socket
 import threading
 import time
+from typing import NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from .config import mqtt_endpoint
+from ..config import mqtt_endpoint
 
 log = logging.getLogger(__name__)
+
+
+class Request(NamedTuple):
+    """What an MQTT v5 request carries besides its payload: where to answer, what the answer
+    carries back to match it, and how long the broker may hold it for a sleeping device."""
+
+    response_topic: str
+    correlation_id: str
+    expiry_seconds: int
+
+
+def request_properties(request: Request | None) -> Properties | None:
+    """The PUBLISH properties of a request (None publishes a plain message)."""
+    if request is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = request.response_topic
+    properties.CorrelationData = request.correlation_id.encode()
+    properties.MessageExpiryInterval = max(1, int(request.expiry_seconds))
+    return properties
+
+
+def connect_session(client: paho.Client, host: str, port: int, *, session_expiry: int):
+    """Connect at once (blocking), resuming the persistent session of the client's id, kept `session_expiry` s."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry
+    client.connect(host, port, keepalive=30, clean_start=False, properties=properties)
+
+
+def end_session(client: paho.Client):
+    """Disconnect and have the broker forget the session (expiry 0), with whatever it still queues."""
+    properties = Properties(PacketTypes.DISCONNECT)
+    properties.SessionExpiryInterval = 0
+    client.disconnect(properties=properties)
 
 
 def _nodelay(client, userdata, sock):
@@ -24,8 +63,9 @@ def _nodelay(client, userdata, sock):
         pass
 
 
-def make_client(config, client_id, *, persistent=False, manual_ack=False) -> paho.Client:
-    """A paho MQTT v5 client configured from the app config, not yet connected."""
+def new_client(client_id: str, *, username=None, password=None, tls=False, ca_file=None, manual_ack=False,
+               reconnect_max_delay: float = 30) -> paho.Client:
+    """A paho MQTT v5 client with TCP_NODELAY and reconnects backing off from 1 s, not yet connected."""
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -33,12 +73,19 @@ def make_client(config, client_id, *, persistent=False, manual_ack=False) -> pah
         manual_ack=manual_ack,
     )
     client.on_socket_open = _nodelay
-    if config.get("FLEET_MQTT_USERNAME"):
-        client.username_pw_set(config["FLEET_MQTT_USERNAME"], config.get("FLEET_MQTT_PASSWORD"))
-    host, port, tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
+    if username:
+        client.username_pw_set(username, password)
     if tls:
-        client.tls_set(ca_certs=config.get("FLEET_MQTT_CA_FILE"))
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.tls_set(ca_certs=ca_file)
+    client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_delay)
+    return client
+
+
+def make_client(config, client_id, *, persistent=False, manual_ack=False) -> paho.Client:
+    """A paho MQTT v5 client configured from the app config, not yet connected."""
+    host, port, tls = mqtt_endpoint(config["FLEET_MQTT_URL"])
+    client = new_client(client_id, username=config.get("FLEET_MQTT_USERNAME"), password=config.get("FLEET_MQTT_PASSWORD"),
+                        tls=tls, ca_file=config.get("FLEET_MQTT_CA_FILE"), manual_ack=manual_ack)
     # paho holds back publishes beyond 20 unacknowledged; a fleet-wide release is thousands
     # of them, and the broker's own Receive Maximum is the limit that matters.
     client.max_inflight_messages_set(1000)
@@ -94,13 +141,13 @@ class Publisher:
             return False
         return client.is_connected()
 
-    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, properties=None) -> bool:
+    def publish(self, topic: str, payload: bytes, *, retain=False, qos=1, timeout=None, request=None) -> bool:
         """Publish and wait for the broker's acknowledgement; False if it did not come."""
         timeout = self._config["FLEET_PUBLISH_TIMEOUT"] if timeout is None else timeout
         if not self.ready():
             return False
         return publish_and_wait(self._client, topic, payload, retain=retain, qos=qos, timeout=timeout,
-                                properties=properties)
+                                request=request)
 
     def publish_many(self, messages, *, retain=False, qos=1, timeout=None) -> list[bool]:
         """Publish [(topic, payload)] without waiting in between; which ones the broker acknowledged."""
@@ -118,10 +165,11 @@ class Publisher:
             self._client.loop_stop()
 
 
-def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0, properties=None) -> bool:
+def publish_and_wait(client, topic, payload, *, retain=False, qos=1, timeout=5.0, request: Request | None = None) -> bool:
+    """Publish (as a request when `request` is given) and wait for the broker's acknowledgement."""
     if not client.is_connected():
         return False
-    info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+    info = client.publish(topic, payload, qos=qos, retain=retain, properties=request_properties(request))
     try:
         info.wait_for_publish(timeout)
     except (RuntimeError, ValueError) as exc:

@@ -1,4 +1,10 @@
-"""Recording what devices report. The topic names the device; the payload is never trusted for that."""
+"""Recording what devices report. The topic names the device; the payload is never trusted for that.
+
+The dispatcher knows the kinds of report and their messages, not the features that record
+them: each feature hands it its recorder with `register(kind, handler)` (see
+fleet_server/app.py). Deployment reports and statuses touch only the core models and are
+recorded here.
+"""
 import contextlib
 import logging
 from datetime import datetime, timezone
@@ -6,10 +12,9 @@ from typing import NamedTuple
 
 import fleet_wire as wire
 
-from .driver_statements import DriverStatement
-from .extensions import db
-from .logbook.service import record_telemetry
-from .models import Deployment, Device, Release, release_devices
+from ..driver_statements import DriverStatement
+from ..extensions import db
+from ..models import Deployment, Device, Release, release_devices
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +147,22 @@ def record_status(device, status: dict):
     })
 
 
-def record_command_result(device, result: dict):
-    from .commands.service import record_result  # imported late: the commands package imports this module
-
-    return record_result(device, result)
-
-
 # Each handler is called with the device the topic names, as a row of its id and unit_id
 # (all any of them needs), and the decoded message; it writes in the caller's transaction.
 _HANDLERS = {
     "deployments": (wire.deployment_report, None),  # recorded a batch at a time: see DeploymentReports
     "status": (wire.status_message, record_status),
-    "telemetry": (wire.telemetry_batch, record_telemetry),
-    "results": (wire.command_result, record_command_result),
+    "telemetry": (wire.telemetry_batch, None),  # recorded by the logbook
+    "results": (wire.command_result, None),  # recorded by the commands
 }
 KINDS = tuple(_HANDLERS)
+
+
+def register(kind: str, handler):
+    """Have `handler(device, message)` record the reports of this kind (one handler a kind; a later one replaces it)."""
+    if kind not in _HANDLERS or kind == "deployments":
+        raise ValueError(f"devices report no {kind!r} messages that a feature records")
+    _HANDLERS[kind] = (_HANDLERS[kind][0], handler)
 
 
 def handle_message(topic: str, payload: bytes) -> bool:
@@ -209,8 +215,11 @@ def store_batch(messages) -> list[str | None]:
             if where.kind == "deployments":
                 deployment_reports.record(device, message)  # checks before it writes: no savepoint needed
             else:
+                handler = _HANDLERS[where.kind][1]
+                if handler is None:
+                    raise Rejected(f"nothing records {where.kind} reports on this server")
                 with contextlib.nullcontext() if lone else db.session.begin_nested():
-                    _HANDLERS[where.kind][1](device, message)
+                    handler(device, message)
         except (Rejected, KeyError) as exc:
             reasons[position] = str(exc) if isinstance(exc, Rejected) else f"no such key: {exc}"
             if lone:
