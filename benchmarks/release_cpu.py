@@ -13,6 +13,8 @@ a revision older than itself. What differs between revisions is confined to `Tre
 
     PYTHONPATH=/path/to/tree .venv/bin/python benchmarks/release_cpu.py [--messages 2000]
 
+The first entry of PYTHONPATH is the tree measured.
+
 Prints one JSON object. Bounded in messages (at most 20,000) and time (`--budget` seconds).
 """
 from __future__ import annotations
@@ -44,17 +46,27 @@ class TreeAdapter:
 
     The wire contract is `fleet_wire` or, in older trees, `fleet_device.wire`; a release message
     is decoded with a msgspec Struct (`decode(ReleaseMessage, payload)`) or, in older trees, a
-    marshmallow schema (`decode(release_message, payload)`).
+    marshmallow schema (`decode(release_message, payload)`). The wire module must lie in `tree`:
+    an installed checkout elsewhere on the path could otherwise answer for a package the tree lacks.
     """
 
-    def __init__(self):
-        try:
-            self.wire = importlib.import_module("fleet_wire")
-        except ImportError:
-            self.wire = importlib.import_module("fleet_device.wire")
+    def __init__(self, tree: Path):
+        self.wire = self._wire_module()
+        if not Path(self.wire.__file__).resolve().is_relative_to(tree):
+            raise SystemExit(f"the wire contract imported is {self.wire.__file__}, not in the measured tree {tree}")
         struct = getattr(self.wire, "ReleaseMessage", None)
         self.release_type = struct if struct is not None else self.wire.release_message
         self.decoder = "msgspec Struct" if struct is not None else "marshmallow schema"
+
+    @staticmethod
+    def _wire_module():
+        """The wire module the tree's agent decodes with."""
+        with contextlib.suppress(ImportError, AttributeError):
+            return importlib.import_module("fleet_device.agent").wire
+        try:
+            return importlib.import_module("fleet_wire")
+        except ImportError:
+            return importlib.import_module("fleet_device.wire")
 
     def where(self) -> str:
         return str(Path(self.wire.__file__).resolve().parent)
@@ -187,7 +199,9 @@ def main(argv=None) -> int:
     if not 1 <= args.messages <= 20000:
         parser.error("--messages: 1..20000")
     logging.basicConfig(level=logging.ERROR)
-    tree = TreeAdapter()
+    if not os.environ.get("PYTHONPATH"):
+        parser.error("PYTHONPATH must name the tree to measure")
+    tree = TreeAdapter(Path(os.environ["PYTHONPATH"].split(os.pathsep)[0]).resolve())
     payloads = {project_id: json.dumps(release_document(tree.wire.PROTOCOL_VERSION, project_id, project_id),
                                        separators=(",", ":"), sort_keys=True).encode()
                 for project_id in range(1, args.messages + 1)}
