@@ -193,6 +193,13 @@ class Run:
     error: str | None = None
 
 
+def machine() -> str:
+    sys.path.insert(0, str(CHECKOUT / "benchmarks"))
+    from harness import machine as describe  # this checkout's description of the machine
+
+    return describe()
+
+
 def git(*args: str, cwd: Path = CHECKOUT) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout.strip()
 
@@ -213,7 +220,6 @@ def this_checkout() -> Tree:
 def run_once(benchmark: Benchmark, tree: Tree, number: int, args, scratch: Path) -> Run:
     script = (CHECKOUT if benchmark.from_checkout else tree.path) / benchmark.script
     env = {**os.environ, "PYTHONPATH": str(tree.path)}
-    env.pop("FLEET_BENCH_KEEP", None)
     began = time.monotonic()
     print(f"{datetime.now(timezone.utc):%H:%M:%S} {benchmark.name} round {number} {tree.side} ...",
           file=sys.stderr, flush=True)
@@ -343,13 +349,6 @@ def main(argv=None) -> int:
     print()
     print(markdown(rows))
     return 1 if any(run.error for run in runs) else 0
-
-
-def machine() -> str:
-    sys.path.insert(0, str(CHECKOUT / "benchmarks"))
-    from harness import machine as describe  # this checkout's description of the machine
-
-    return describe()
 
 
 if __name__ == "__main__":
