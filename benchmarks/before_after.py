@@ -1,6 +1,7 @@
 """Benchmarks before and after a change, in the same run: a revision against the current checkout, taking turns.
 
-    .venv/bin/python benchmarks/before_after.py [--before 6bebb32] [--rounds 2] [--only rtt,rest,telemetry,fanout,release_cpu]
+    .venv/bin/python benchmarks/before_after.py [--before 6bebb32] [--after REV] [--rounds 2]
+                                                [--only rtt,rest,telemetry,fanout,release_cpu] [sizes, see --help]
 
 "Before" is a temporary `git worktree` of `--before` (removed at the end); "after" is this
 checkout as it is on disk (or `--after REV`, another temporary worktree). Each benchmark runs
@@ -106,8 +107,8 @@ def parse_rest(output: str) -> dict[str, float]:
 
 def parse_telemetry(output: str) -> dict[str, float]:
     figures = {}
-    for match in re.finditer(r"^\[(\w+)\] ingest: (\d+)/(\d+) readings stored \((\d+) distinct\) .*= ([\d,]+) readings/s",
-                             output, re.MULTILINE):
+    ingest = r"^\[(\w+)\] ingest: (\d+)/(\d+) readings stored \((\d+) distinct\) .*= ([\d,]+) readings/s"
+    for match in re.finditer(ingest, output, re.MULTILINE):
         database, stored, sent, distinct, rate = match.groups()
         figures[f"telemetry ingest, {database} (readings/s)"] = int(rate.replace(",", ""))
         figures[f"telemetry ingest, {database}, readings lost or duplicated"] = (
@@ -201,7 +202,8 @@ def machine() -> str:
 
 
 def git(*args: str, cwd: Path = CHECKOUT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout.strip()
+    done = subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=120)
+    return done.stdout.strip()
 
 
 def temporary_worktree(side: str, revision: str, parent: Path) -> Tree:
@@ -273,10 +275,13 @@ def markdown(rows: list[dict]) -> str:
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", default=DEFAULT_BEFORE, help=f"revision measured as before (default {DEFAULT_BEFORE})")
+    parser.add_argument("--before", default=DEFAULT_BEFORE,
+                        help=f"revision measured as before (default {DEFAULT_BEFORE})")
     parser.add_argument("--after", default=None, help="revision measured as after (default: this checkout as it is)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each benchmark per tree, taking turns (default 2)")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="runs of each benchmark per tree, taking turns (default 2)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--rtt-runs", type=int, default=200, help="timed commands per round trip run (default 200)")
     parser.add_argument("--rtt-warmup", type=int, default=100, help="commands before timing (default 100)")
     parser.add_argument("--rest-requests", type=int, default=1000, help="requests per endpoint (default 1000)")
