@@ -24,6 +24,7 @@ Every load is bounded (the sizes below, and a time limit per run) and stays on l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -219,6 +220,33 @@ def this_checkout() -> Tree:
     return Tree("after", CHECKOUT, "the current checkout", commit)
 
 
+def run_script(command: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, str]:
+    """Run a benchmark script in a process group of its own: (exit status, stdout, stderr).
+
+    Should it outlive `timeout` or this run end early, the whole group is stopped, so the
+    broker, servers and devices it started do not stay behind.
+    """
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stdout, stderr
+    finally:
+        if process.poll() is None:
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
 def run_once(benchmark: Benchmark, tree: Tree, number: int, args, scratch: Path) -> Run:
     script = (CHECKOUT if benchmark.from_checkout else tree.path) / benchmark.script
     env = {**os.environ, "PYTHONPATH": str(tree.path)}
@@ -227,12 +255,12 @@ def run_once(benchmark: Benchmark, tree: Tree, number: int, args, scratch: Path)
           file=sys.stderr, flush=True)
     run = Run(benchmark.name, tree.side, number, 0.0)
     try:
-        done = subprocess.run([sys.executable, str(script), *benchmark.arguments(args)], cwd=scratch, env=env,
-                              capture_output=True, text=True, timeout=benchmark.timeout)
-        if done.returncode != 0:
-            run.error = f"exit status {done.returncode}: {(done.stderr or done.stdout)[-1500:]}"
+        returncode, stdout, stderr = run_script([sys.executable, str(script), *benchmark.arguments(args)],
+                                                scratch, env, benchmark.timeout)
+        if returncode != 0:
+            run.error = f"exit status {returncode}: {(stderr or stdout)[-1500:]}"
         else:
-            run.figures = benchmark.parse(done.stdout)
+            run.figures = benchmark.parse(stdout)
     except subprocess.TimeoutExpired:
         run.error = f"did not finish within {benchmark.timeout:.0f} s"
     except (ValueError, KeyError, StopIteration) as exc:
