@@ -122,6 +122,7 @@ def _selector_devices(unit_ids, port, state_root, conn):
     selector = selectors.DefaultSelector()
     connected = set()
     handled: dict[int, list[float]] = {}
+    handling_cpu: dict[int, float] = {}  # project id → this thread's CPU seconds spent handling its releases
     expected: dict[int, int] = {}
 
     for agent in agents:
@@ -143,10 +144,13 @@ def _selector_devices(unit_ids, port, state_root, conn):
                     message = agent.inbox.get_nowait()
                 except queue.Empty:
                     break
+                began = time.thread_time()
                 agent._handle(message)  # decode, ReleaseQueue.put, `queued` report, then the ack
+                spent = time.thread_time() - began
                 if "/releases/" in message.topic:
                     project_id = int(message.topic.rsplit("/", 1)[1])
                     handled.setdefault(project_id, []).append(time.time())
+                    handling_cpu[project_id] = handling_cpu.get(project_id, 0.0) + spent
             # paho writes a report or ack at once when no loop thread runs; only what the socket
             # did not take waits here. Asking every agent each round costs more than the devices' work.
             if agent.mqtt.client.want_write():
@@ -194,7 +198,7 @@ def _selector_devices(unit_ids, port, state_root, conn):
                 return
         for project_id, count in list(expected.items()):
             if len(handled.get(project_id, ())) >= count:
-                conn.send(("handled", project_id, handled.pop(project_id)))
+                conn.send(("handled", project_id, handled.pop(project_id), handling_cpu.pop(project_id, 0.0)))
                 del expected[project_id]
 
 
@@ -300,13 +304,16 @@ class Fleet:
         for link, count in zip(self.links, per_process):
             link.send(("expect", project_id, count))
 
-    def handled(self, per_process: list[int]) -> list[float]:
-        """When each expected device had the release queued and acknowledged (epoch seconds)."""
-        stamps = []
+    def handled(self, per_process: list[int]) -> tuple[list[float], float]:
+        """When each expected device had the release queued and acknowledged (epoch seconds), and the
+        CPU seconds the device processes spent handling those release messages (the agent's `_handle`)."""
+        stamps, cpu = [], 0.0
         for link, count in zip(self.links, per_process):
             if count:
-                stamps.extend(self._recv(link, 120)[2])
-        return stamps
+                _kind, _project_id, times, spent = self._recv(link, 120)
+                stamps.extend(times)
+                cpu += spent
+        return stamps, cpu
 
     def stop(self):
         with contextlib.suppress(Exception, SystemExit):
@@ -405,7 +412,7 @@ def fanout(args):
             t_response = time.time()
             if response.status_code != 201:
                 raise SystemExit(f"release of {size} devices: {response.status_code} {response.text[:500]}")
-            stamps = fleet.handled(per_process)
+            stamps, handling_cpu = fleet.handled(per_process)
             release_id = response.json()["id"]
             wait_for(lambda: _count_deployments(app, release_id) >= size, 300, f"{size} queued reports stored", 0.05)
             t_stored = time.time()
@@ -418,6 +425,7 @@ def fanout(args):
                 "queued_reports_stored_s": round(t_stored - t0, 3),
                 "baseline_broker_only_all_s": round(floor, 3),
                 "devices_received": len(stamps),
+                "device_cpu_ms_per_release_message": round(1000 * handling_cpu / len(stamps), 3),
             })
             print(rows[-1], file=sys.stderr)
         print_figures(f"release fan-out ({machine()})", rows)
@@ -440,7 +448,7 @@ def _broker_floor(broker: Broker, fleet: Fleet, targets, project_id: int, per_pr
                    for _id, unit in targets]
         for handle in handles:
             handle.wait_for_publish(60)
-        elapsed = max(fleet.handled(per_process)) - t0
+        elapsed = max(fleet.handled(per_process)[0]) - t0
         for _id, unit in targets:  # clear the retained copies again
             client.publish(wire.release_topic(unit, project_id), b"", qos=1, retain=True)
         return elapsed

@@ -44,6 +44,7 @@ import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from harness import answers, free_port, lean_request, wait_for  # noqa: E402  (also puts the checkout on sys.path)
+import fleet_wire as wire
 from fleet_device.telemetry import Telemetry, TelemetryConfig
 from fleet_server.logbook import service
 
@@ -133,7 +134,11 @@ def measure_ingest(tmp: Path, env: dict, engine, readings: int, batch_size: int,
                          protocol=MQTTProtocolVersion.MQTTv5)
     client.max_queued_messages_set(10000)
     connected = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p: rc.is_failure or connected.set()
+    # The device sends its next batch once the server confirmed the last one, as the agent does:
+    # the broker orders this subscription before the batches published after it.
+    confirmations = wire.device_topic(unit_id, "confirmations")
+    client.on_connect = lambda c, u, f, rc, p: rc.is_failure or (c.subscribe(confirmations, qos=1), connected.set())
+    client.on_message = lambda c, u, message: telemetry.confirm(wire.decode(wire.confirmation, message.payload)["ids"])
     host, port = env["FLEET_MQTT_URL"].removeprefix("mqtt://").split(":")
     client.connect(host, int(port))
     client.loop_start()
