@@ -150,7 +150,7 @@ def check_free_form(name: str, value) -> None:
             raise WireError(str(exc)) from None
 
 
-_PLAIN_SCALARS = frozenset((str, bool, float))
+_PLAIN_SCALARS = frozenset((str, bool))  # a NUL in text is found by decode; a float may be NaN
 
 
 M = TypeVar("M", bound=msgspec.Struct)

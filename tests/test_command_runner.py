@@ -208,7 +208,7 @@ def slow_command(monkeypatch):
 def _message(unit_id, name="test.ping", arg=(), kwarg=None, timeout=None, deadline=None, command_id=None):
     body = {"id": command_id or str(uuid.uuid4()), "command": name, "arg": list(arg), "kwarg": kwarg or {},
             "timeout": timeout, "deadline": deadline or time.time() + 60}
-    return SimpleNamespace(payload=wire.encode(wire.command_message, body), properties=None, id=body["id"])
+    return SimpleNamespace(payload=wire.encode(wire.from_builtins(wire.CommandMessage, body)), properties=None, id=body["id"])
 
 
 def _final(agent, command_id):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
@@ -21,6 +22,17 @@ def decode(schema: Schema, payload: bytes) -> dict:
     if not isinstance(document, dict):
         raise ValidationError("payload is not a JSON object")
     return schema.load(document)
+
+
+def plain(value):
+    """A decoded value as plain JSON values (a UUID as its text), as tests/data/wire_v1/decoded.json holds them."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
 
 
 # ---- as fleet_wire/grammar.py was ----
