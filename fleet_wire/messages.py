@@ -190,7 +190,7 @@ def decode(kind: type[M], payload: bytes) -> M:
     try:
         message = decoder.decode(payload)
     except msgspec.ValidationError as exc:
-        raise WireError(f"payload is invalid: {exc}") from None
+        raise WireError(f"payload is invalid: {explained(exc)}") from None
     except msgspec.DecodeError as exc:
         raise WireError(f"payload refused: {_why_not_json(payload, exc)}") from None
     except RecursionError:
@@ -205,7 +205,28 @@ def from_builtins(kind: type[M], fields: dict) -> M:
     try:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
-        raise WireError(f"{kind.__name__} is invalid: {exc}") from None
+        raise WireError(explained(exc)) from None
+
+
+_MISSING_FIELD = re.compile(r"Object missing required field `(.+)`")
+_NAMED = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*: ")
+
+
+def explained(error: msgspec.ValidationError) -> str:
+    """msgspec's error as `path: what is wrong` (`readings[3].value: ...`), the path first as Fleet's errors put it.
+
+    msgspec ends its text with ` - at `$.path``; a check of our own already starts with its field's name.
+    """
+    text, at, where = str(error).rpartition(" - at `")
+    if not at:  # at the top level, msgspec names no place
+        text, where = str(error), ""
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    missing = _MISSING_FIELD.fullmatch(text)
+    if missing:
+        text, path = "a required field is missing", f"{path}.{missing[1]}" if path else missing[1]
+    if not path:
+        return text
+    return f"{path}.{text}" if _NAMED.match(text) else f"{path}: {text}"
 
 
 def _why_not_json(payload: bytes, error: msgspec.DecodeError) -> str:

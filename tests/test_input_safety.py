@@ -116,4 +116,4 @@ def test_the_agent_rejects_an_unsafe_registry_url(url):
 def test_the_agent_accepts_a_plain_registry_address(url):
     message = _release_message()
     message["registries"][0]["url"] = url
-    assert _decode(message)["registries"][0]["url"] == url
+    assert _decode(message).registries[0].url == url

@@ -8,7 +8,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from marshmallow import ValidationError
 
 import fleet_wire as wire
 from fleet_server import ingest
@@ -328,7 +327,7 @@ def test_a_batch_rolled_back_leaves_neither_its_readings_nor_its_id_and_can_be_s
         {"field": "track.pos.loc", "type": "geo_point", "ts": 1594288801.0, "value": {"lat": 1.0, "lon": 2.0}}]}
     with app.app_context():
         unit = db.session.get(Device, device["id"])
-        assert service.record_telemetry(unit, batch)
+        assert service.record_telemetry(unit, wire.from_builtins(wire.TelemetryBatch, batch))
         db.session.rollback()
         assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryReading)) == 0
         assert db.session.scalar(db.select(db.func.count()).select_from(TelemetryBatch)) == 0

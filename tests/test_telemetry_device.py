@@ -103,8 +103,8 @@ def test_a_gpsd_fix_becomes_a_position_and_other_reports_do_not():
 
 def test_a_posted_reading_takes_its_iso_timestamp_or_now():
     reading = reading_from_request({"field": "a", "type": "int", "value": 3, "ts": "2020-07-09T10:11:53.811839Z"})
-    assert reading["ts"] == pytest.approx(1594289513.811839, abs=1e-6)
-    assert reading_from_request({"field": "a", "type": "int", "value": 3}, now=5.0)["ts"] == 5.0
+    assert reading.ts == pytest.approx(1594289513.811839, abs=1e-6)
+    assert reading_from_request({"field": "a", "type": "int", "value": 3}, now=5.0).ts == 5.0
 
 
 @pytest.mark.parametrize("body, key", [
