@@ -34,6 +34,8 @@ from .grammar import (  # noqa: F401
     check_command_name,
     check_container_name,
     check_environment_key,
+    check_network_mode,
+    check_restart_policy,
     check_registry_url,
     fully_qualified_name,
     parse_environment,

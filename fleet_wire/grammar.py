@@ -116,14 +116,29 @@ def parse_environment(text: str) -> dict[str, str]:
     return environment
 
 
+_RESTART_POLICY = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$")
+_NETWORK_MODE = re.compile(r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$")
+
+
+def check_restart_policy(policy: str) -> None:
+    if not isinstance(policy, str) or not _RESTART_POLICY.fullmatch(policy):
+        raise WireError("expected no, always, unless-stopped or on-failure[:N]")
+
+
+def check_network_mode(mode: str) -> None:
+    if not isinstance(mode, str) or not _NETWORK_MODE.fullmatch(mode):
+        raise WireError("expected bridge, host, none or container:NAME")
+
+
 ContainerName = Annotated[str, msgspec.Meta(pattern=CONTAINER_NAME_PATTERN)]
 
 
 class StartupParameters(msgspec.Struct, frozen=True, kw_only=True):
     """How a container is started: the structure a release stores and the device receives.
 
-    The server's API accepts more spellings (an environment given as an object) and narrower
-    values (known network modes and restart policies); what it stores fits this structure.
+    The server's API accepts one more spelling (an environment given as an object) and checks
+    the network mode and restart policy (check_network_mode, check_restart_policy); a device
+    takes them as given, so a release stored before those checks still deploys.
     """
 
     environment: str = ""

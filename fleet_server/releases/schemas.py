@@ -4,7 +4,8 @@ import shlex
 
 from marshmallow import ValidationError, fields, validate, validates
 
-from fleet_wire import WireError, check_bind, check_environment_key, parse_environment
+from fleet_wire import (WireError, check_bind, check_environment_key, check_network_mode, check_restart_policy,
+                        parse_environment)
 
 from ..pagination import page_schema
 from ..schemas import PaginationArgs, StrictSchema, wire_rule
@@ -17,8 +18,6 @@ _IMAGE = re.compile(
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 # Docker's container name rule; kept short so the derived fully_qualified_name stays readable.
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$")
-_RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$")
-_NETWORK = re.compile(r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$")
 
 SEED_EXAMPLE = {
     "version": "1.0.0",
@@ -97,6 +96,8 @@ class Environment(fields.Field):
 
 
 class StartupParametersSchema(StrictSchema):
+    """The API's form of wire.StartupParameters (the structure a device receives), with the same checks."""
+
     environment = Environment(
         load_default="",
         metadata={
@@ -112,12 +113,12 @@ class StartupParametersSchema(StrictSchema):
     )
     network_mode = fields.String(
         load_default=None, allow_none=True,
-        validate=validate.Regexp(_NETWORK, error="expected bridge, host, none or container:NAME"),
+        validate=wire_rule(check_network_mode),
     )
     restart_policy = fields.String(
         load_default=None,
         allow_none=True,
-        validate=validate.Regexp(_RESTART, error="expected no, always, unless-stopped or on-failure[:N]"),
+        validate=wire_rule(check_restart_policy),
     )
     privileged = fields.Boolean(load_default=False)
 
