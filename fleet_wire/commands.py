@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .grammar import COMMAND_NAME_PATTERN
+from .grammar import CommandName
 from .messages import DictForm, Message, check_free_form
 
 #
@@ -38,7 +38,7 @@ class CommandMessage(Message, frozen=True, kw_only=True):
     """
 
     id: uuid.UUID
-    command: Annotated[str, msgspec.Meta(pattern=COMMAND_NAME_PATTERN)]
+    command: CommandName
     arg: list[Any] = []
     kwarg: dict[str, Any] = {}
     timeout: Annotated[float, msgspec.Meta(gt=0, le=MAX_COMMAND_TIMEOUT)] | None = None

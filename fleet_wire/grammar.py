@@ -130,7 +130,21 @@ def check_network_mode(mode: str) -> None:
         raise WireError("expected bridge, host, none or container:NAME")
 
 
-ContainerName = Annotated[str, msgspec.Meta(pattern=CONTAINER_NAME_PATTERN)]
+def whole(pattern: str) -> str:
+    """`^...$` as msgspec matches it (re.search), anchored at the very end: `$` alone also takes "name\n"."""
+    return pattern.removesuffix("$") + r"\Z"
+
+
+ContainerName = Annotated[str, msgspec.Meta(pattern=whole(CONTAINER_NAME_PATTERN))]
+CommandName = Annotated[str, msgspec.Meta(pattern=whole(COMMAND_NAME_PATTERN))]
+
+
+def check_field(name: str, check, value) -> None:
+    """Run a grammar check from a Struct's __post_init__, naming the field in its error."""
+    try:
+        check(value)
+    except WireError as exc:
+        raise WireError(f"{name}: {exc}") from None
 
 
 class StartupParameters(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,5 +162,5 @@ class StartupParameters(msgspec.Struct, frozen=True, kw_only=True):
     privileged: bool = False
 
     def __post_init__(self):
-        for bind in self.binds:
-            check_bind(bind)
+        for position, bind in enumerate(self.binds):
+            check_field(f"binds[{position}]", check_bind, bind)

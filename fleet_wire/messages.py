@@ -6,7 +6,7 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
-from .grammar import ContainerName, StartupParameters, check_registry_url
+from .grammar import ContainerName, StartupParameters, check_field, check_registry_url, whole
 from .protocol import INT64_MAX, INT64_MIN, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, WireError
 from .strict_json import MAX_JSON_DEPTH, UnstorableJSON, check_storable, load_json
 
@@ -30,7 +30,7 @@ _STATE_WORD = re.compile(r"^[a-z][a-z_]{0,19}$")
 # What a BIGINT column stores: every integer on the wire fits one.
 Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 # A report's own id (`rid`), which the server's confirmation names: short, opaque, chosen by the device.
-ReportId = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
+ReportId = Annotated[str, msgspec.Meta(pattern=whole(r"^[0-9A-Za-z_-]{1,64}$"))]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
@@ -65,7 +65,7 @@ class ContainerSpec(msgspec.Struct, frozen=True, kw_only=True):
 class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True):
     id: Int64
     version: str
-    version_hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8}$")]
+    version_hash: Annotated[str, msgspec.Meta(pattern=whole(r"^[0-9a-f]{8}$"))]
     containers: list[ContainerSpec]
     remove_containers: list[ContainerName] = []
 
@@ -127,14 +127,6 @@ class Status(Message, frozen=True, kw_only=True):
     state: Literal["online", "offline"]
     agent_version: str | None = None
     ts: float | None = None
-
-
-def check_field(name: str, check, value) -> None:
-    """Run a grammar check from a Struct's __post_init__, naming the field in its error."""
-    try:
-        check(value)
-    except WireError as exc:
-        raise WireError(f"{name}: {exc}") from None
 
 
 def check_free_form(name: str, value) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .grammar import whole
 from .messages import Message
 from .protocol import INT64_MAX, INT64_MIN, WireError
 
@@ -31,7 +32,7 @@ class Reading(msgspec.Struct, kw_only=True, gc=False):
     Not frozen: the value is normalised to its type once checked (5.0 of an `int` is 5).
     """
 
-    field: Annotated[str, msgspec.Meta(pattern=FIELD_NAME_PATTERN)]
+    field: Annotated[str, msgspec.Meta(pattern=whole(FIELD_NAME_PATTERN))]
     type: Literal[TELEMETRY_TYPES]
     ts: Annotated[float, msgspec.Meta(ge=0, lt=_MAX_TS)]
     value: int | float | GeoPoint
@@ -60,6 +61,6 @@ class TelemetryBatch(Message, frozen=True, kw_only=True):
     `dropped` counts the readings the device's full buffer has discarded since it was created.
     """
 
-    batch_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+    batch_id: Annotated[str, msgspec.Meta(pattern=whole(r"^[0-9a-f]{32}$"))]
     dropped: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
     readings: Annotated[list[Reading], msgspec.Meta(min_length=1, max_length=MAX_BATCH_READINGS)]
