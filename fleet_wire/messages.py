@@ -193,7 +193,8 @@ def decode(kind: type[M], payload: bytes) -> M:
 
 
 def from_builtins(kind: type[M], fields: dict) -> M:
-    """A `kind` message from plain values (a dict by field name, as JSON would spell it), checked as decode does."""
+    """A `kind` message from plain values (a dict by field name, as JSON spells it), checked by its types and
+    constraints; what only the JSON text can show (NaN, a NUL byte) is checked when it is encoded."""
     try:
         return msgspec.convert(fields, kind)
     except msgspec.ValidationError as exc:
