@@ -361,7 +361,7 @@ def test_a_report_stored_on_the_driver_is_stored_exactly_as_sqlalchemys_executio
     flag) must be what SQLAlchemy's execution of the same statement stores, down to the byte."""
     on_driver = _execute(client, auth, device, command="docker.ps").get_json()["id"]
     through_sqlalchemy = _execute(client, auth, device, command="docker.ps").get_json()["id"]
-    report = wire.command_result.load({"v": 1, "id": on_driver, "state": state, "ts": 1700000003.5, **fields})
+    report = wire.from_builtins(wire.CommandResult, {"id": on_driver, "state": state, "ts": 1700000003.5, **fields})
     # The columns the report writes (the others differ: the two commands were created apart).
     columns = list(service._FINAL_FIELDS if state in wire.FINAL_COMMAND_STATES else service._PROGRESS_FIELDS)
     with app.app_context():
