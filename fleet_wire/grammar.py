@@ -116,8 +116,10 @@ def parse_environment(text: str) -> dict[str, str]:
     return environment
 
 
-_RESTART_POLICY = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$")
-_NETWORK_MODE = re.compile(r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$")
+RESTART_POLICY_PATTERN = r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$"
+NETWORK_MODE_PATTERN = r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$"
+_RESTART_POLICY = re.compile(RESTART_POLICY_PATTERN)
+_NETWORK_MODE = re.compile(NETWORK_MODE_PATTERN)
 
 
 def check_restart_policy(policy: str) -> None:

@@ -4,8 +4,8 @@ import shlex
 
 from marshmallow import ValidationError, fields, validate, validates
 
-from fleet_wire import (WireError, check_bind, check_environment_key, check_network_mode, check_restart_policy,
-                        parse_environment)
+from fleet_wire import (NETWORK_MODE_PATTERN, RESTART_POLICY_PATTERN, WireError, check_bind, check_environment_key,
+                        check_network_mode, check_restart_policy, parse_environment)
 
 from ..pagination import page_schema
 from ..schemas import PaginationArgs, StrictSchema, wire_rule
@@ -113,12 +113,12 @@ class StartupParametersSchema(StrictSchema):
     )
     network_mode = fields.String(
         load_default=None, allow_none=True,
-        validate=wire_rule(check_network_mode),
+        validate=wire_rule(check_network_mode), metadata={"pattern": NETWORK_MODE_PATTERN},
     )
     restart_policy = fields.String(
         load_default=None,
         allow_none=True,
-        validate=wire_rule(check_restart_policy),
+        validate=wire_rule(check_restart_policy), metadata={"pattern": RESTART_POLICY_PATTERN},
     )
     privileged = fields.Boolean(load_default=False)
 
