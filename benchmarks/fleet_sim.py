@@ -439,9 +439,8 @@ def _broker_floor(broker: Broker, fleet: Fleet, targets, project_id: int, per_pr
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
-        release = {"id": project_id, "version": "floor", "version_hash": "0000beef", "remove_containers": [],
-                   "containers": []}
-        payload = wire.encode(wire.release_message, {"project_id": project_id, "release": release})
+        release = wire.ReleaseSpec(id=project_id, version="floor", version_hash="0000beef", containers=[])
+        payload = wire.encode(wire.ReleaseMessage(project_id=project_id, release=release))
         fleet.expect(project_id, per_process)
         t0 = time.time()
         handles = [client.publish(wire.release_topic(unit, project_id), payload, qos=1, retain=True)

@@ -57,9 +57,8 @@ def _new_release(devices, version: str) -> tuple[int, int]:
 
 def _reports(units, project_id: int, release_id: int, state: str) -> list[tuple[str, bytes]]:
     return [(wire.device_topic(unit, "deployments"),
-             wire.encode(wire.deployment_report, {"project_id": project_id, "release_id": release_id,
-                                                  "version_hash": "0badc0de", "state": state, "step": None,
-                                                  "detail": "", "ts": time.time()}))
+             wire.encode(wire.DeploymentReport(project_id=project_id, release_id=release_id,
+                                               version_hash="0badc0de", state=state, ts=time.time())))
             for unit in units]
 
 

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import msgspec
+
 import fleet_wire as wire
 from fleet_wire.release_policy import ReleasePolicy
 
@@ -121,7 +123,7 @@ class Agent:
     def _make_mqtt(self) -> DeviceMqtt:
         config = self.config
         will = (wire.device_topic(self.unit_id, "status"),
-                wire.encode(wire.status_message, {"state": "offline", "agent_version": __version__}))
+                wire.encode(wire.Status(state="offline", agent_version=__version__)))
         settings = MqttSettings(
             client_id=f"fleet-device-{self.unit_id}", host=config.broker_host, port=config.broker_port,
             tls=config.broker_tls, ca_file=config.ca_file, username=config.username, password=config.password,
@@ -151,8 +153,8 @@ class Agent:
             return
         self.inbox.put(message)
 
-    def publish(self, kind: str, schema, body: dict, retain=False):
-        return self._publish_payload(kind, wire.encode(schema, body), retain)
+    def publish(self, kind: str, message: wire.Message, retain=False):
+        return self._publish_payload(kind, wire.encode(message), retain)
 
     def _publish_payload(self, kind: str, payload: bytes, retain: bool):
         return self.mqtt.publish(wire.device_topic(self.unit_id, kind), payload, qos=1, retain=retain)
@@ -186,7 +188,7 @@ class Agent:
         return self.pending_reports.resend(reconnected_at)
 
     def _handle_confirmations(self, where: wire.DeviceTopic, message):
-        ids = wire.decode(wire.confirmation, message.payload)["ids"]
+        ids = wire.decode(wire.Confirmation, message.payload).ids
         confirmed = self.pending_reports.confirm(ids)
         self.telemetry.confirm(ids)
         self.command_runner.confirmed(ids)
@@ -214,7 +216,9 @@ class Agent:
         if message.payload == b"":
             log.info("release topic of project %s cleared", where.project_id)
             return
-        self._receive_release(where.project_id, wire.decode(wire.release_message, message.payload))
+        release = wire.decode(wire.ReleaseMessage, message.payload)
+        # The queue, its journal on disk and the deployer keep a release as plain values.
+        self._receive_release(where.project_id, msgspec.to_builtins(release))
 
     def _receive_release(self, project_id: int, message: dict):
         if message["project_id"] != project_id:

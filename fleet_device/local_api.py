@@ -211,8 +211,10 @@ def _execute_request(body) -> tuple[str, list, dict, float | None]:
     if unknown:
         raise LocalApiError(400, "unknown field", unknown[0])
     command, arg, kwarg, timeout = body.get("command"), body.get("arg", []), body.get("kwarg", {}), body.get("timeout")
-    if not isinstance(command, str) or not command:
-        raise LocalApiError(400, "a command name such as docker.logs is required", "command")
+    try:
+        wire.check_command_name(command)
+    except wire.WireError as exc:
+        raise LocalApiError(400, str(exc), "command") from None
     if not isinstance(arg, list):
         raise LocalApiError(400, "must be a list", "arg")
     if not isinstance(kwarg, dict):

@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 1000
 DEFAULT_RESEND_INTERVAL = 30.0
 
-# Topic kind → (schema, retained) of the reports kept here.
+# Topic kind → (message type, retained) of the reports kept here; each is kept as its fields (a dict).
 KINDS = {
-    "deployments": (wire.deployment_report, False),
-    "status": (wire.status_message, True),
+    "deployments": (wire.DeploymentReport, False),
+    "status": (wire.Status, True),
 }
 
 
@@ -98,10 +98,10 @@ class PendingReports:
         Raises wire.WireError if the report does not fit its schema; an OSError writing it is
         logged and the report is published all the same, once.
         """
-        schema, retain = KINDS[kind]
+        kind_of_message, retain = KINDS[kind]
         rid = new_report_id()
         body = {**body, "rid": rid}
-        payload = wire.encode(schema, body)
+        payload = wire.encode(wire.from_builtins(kind_of_message, body))
         report = PendingReport(rid, kind, body, None, slot)
         with self._lock:
             if durable:
@@ -143,9 +143,9 @@ class PendingReports:
             for report in due:
                 report.sent_at = now
         for report in due:
-            schema, retain = KINDS[report.kind]
+            kind_of_message, retain = KINDS[report.kind]
             try:
-                payload = wire.encode(schema, report.body)
+                payload = wire.encode(wire.from_builtins(kind_of_message, report.body))
             except wire.WireError as exc:  # a file edited by hand, or an older contract: never sendable
                 log.error("dropping pending report %s: %s", report.rid, exc)
                 self.confirm([report.rid])

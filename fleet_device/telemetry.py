@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from marshmallow import ValidationError
+import msgspec
 
 import fleet_wire as wire
 from .state import create_private_file, private_directory
@@ -78,11 +78,11 @@ class TelemetryBuffer:
     def _transaction(self):
         return _Transaction(self._db)
 
-    def add(self, readings: list[dict]) -> int:
+    def add(self, readings: list[wire.Reading]) -> int:
         """Store checked readings; returns how many old ones were dropped to stay within capacity."""
         if not readings:
             return 0
-        bodies = [(json.dumps(r, separators=(",", ":")),) for r in readings]
+        bodies = [(msgspec.json.encode(r).decode(),) for r in readings]
         with self._lock, self._transaction():
             self._db.executemany("INSERT INTO reading (body) VALUES (?)", bodies)
             oldest, newest = self._db.execute("SELECT min(seq), max(seq) FROM reading").fetchone()
@@ -105,7 +105,9 @@ class TelemetryBuffer:
                 if not rows:
                     return None
                 batch_id = uuid.uuid4().hex
-                payload = wire.telemetry_payload(batch_id, self.dropped_locked(), [body for _, body in rows])
+                readings = [_STORED_READING.decode(body) for _, body in rows]
+                payload = wire.encode(wire.TelemetryBatch(batch_id=batch_id, dropped=self.dropped_locked(),
+                                                          readings=readings))
                 self._db.execute("DELETE FROM reading WHERE seq <= ?", (rows[-1][0],))
                 self._db.execute("INSERT INTO batch VALUES (?, ?, ?)", (batch_id, payload, len(rows)))
             return Batch(batch_id, payload, len(rows))
@@ -158,9 +160,13 @@ class _Transaction:
         self.connection.execute("ROLLBACK" if kind else "COMMIT")
 
 
+# What the buffer holds: readings already checked, so read back as they were written.
+_STORED_READING = msgspec.json.Decoder(wire.Reading)
+
+
 # --- readings -----------------------------------------------------------------
 
-def reading_from_request(item, now: float | None = None) -> dict:
+def reading_from_request(item, now: float | None = None) -> wire.Reading:
     """A reading posted to the local API, with `ts` (ISO 8601 or epoch seconds) defaulting to now.
 
     Raises wire.WireError naming the key that is wrong.
@@ -177,11 +183,10 @@ def reading_from_request(item, now: float | None = None) -> dict:
         except ValueError:
             raise wire.WireError(f"ts: {ts!r} is not an ISO 8601 date-time") from None
         item["ts"] = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-    try:
-        return wire.check_reading(item)
-    except ValidationError as exc:
-        messages = exc.messages if isinstance(exc.messages, dict) else {"reading": exc.messages}
-        raise wire.WireError("; ".join(f"{key}: {' '.join(map(str, why))}" for key, why in messages.items())) from None
+    unknown = sorted(item.keys() - set(wire.Reading.__struct_fields__))
+    if unknown:  # a typo here would otherwise go unnoticed (the wire ignores fields it does not know)
+        raise wire.WireError(f"{unknown[0]}: unknown field")
+    return wire.from_builtins(wire.Reading, item)
 
 
 # --- built-in sources -------------------------------------------------------------
@@ -252,9 +257,9 @@ def position_from_gpsd(line: bytes | str) -> dict | None:
         except ValueError:
             pass
     try:
-        return wire.check_reading({"field": "track.pos.loc", "type": wire.GEO_POINT, "ts": ts,
-                                   "value": {"lat": lat, "lon": lon}})
-    except ValidationError:
+        return wire.from_builtins(wire.Reading, {"field": "track.pos.loc", "type": wire.GEO_POINT, "ts": ts,
+                                                 "value": {"lat": lat, "lon": lon}})
+    except wire.WireError:
         return None
 
 
@@ -291,7 +296,7 @@ class Telemetry:
         self.sent_batches = self.resent_batches = self.source_failures = 0
         self._threads: list[threading.Thread] = []
 
-    def add(self, readings: list[dict]) -> int:
+    def add(self, readings: list[wire.Reading]) -> int:
         dropped = self.buffer.add(readings)
         self.waiting.set()
         return dropped
@@ -316,13 +321,13 @@ class Telemetry:
 
     # --- sources -----------------------------------------------------------
 
-    def sample(self) -> list[dict]:
+    def sample(self) -> list[wire.Reading]:
         """Read every built-in source once; an unavailable source is logged and skipped."""
         readings = []
         for source in self.sources:
             try:
-                readings.append(wire.check_reading(source.read()))
-            except (SourceUnavailable, ValidationError) as exc:
+                readings.append(wire.from_builtins(wire.Reading, source.read()))
+            except (SourceUnavailable, wire.WireError) as exc:
                 self.source_failures += 1
                 log.debug("telemetry source %s unavailable: %s", source.field, exc)
         return readings

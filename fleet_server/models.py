@@ -5,6 +5,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, ForeignKey, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+import fleet_wire as wire
+
 from .extensions import db
 
 
@@ -120,8 +122,7 @@ class ReleaseContainer(db.Model):
 
     @property
     def fully_qualified_name(self) -> str:
-        # Stable across releases of a project, so a new release replaces the container in place.
-        return f"deployment-{self.name}-{self.release.project_id}"
+        return wire.fully_qualified_name(self.release.project_id, self.name)
 
 
 class Deployment(db.Model):

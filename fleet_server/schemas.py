@@ -1,6 +1,20 @@
 """Schema pieces shared by the resources: strict base classes, pagination and the error shape."""
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate
 
+from fleet_wire import WireError
+
+
+def wire_rule(check):
+    """A validator for `validate=` from a grammar check of fleet_wire (which raises WireError)."""
+
+    def validate_by_wire_rule(value):
+        try:
+            check(value)
+        except WireError as exc:
+            raise ValidationError(str(exc)) from None
+
+    return validate_by_wire_rule
+
 
 def _nul_byte_paths(value, path=""):
     """Dotted paths of the strings (keys included) that contain a NUL byte."""

@@ -1,14 +1,17 @@
 """Fleet's MQTT wire contract, shared by the server and the device agent (and importing neither).
 
-Topic names, payload schemas and the protocol version are defined here once and
-imported by both sides, so the two cannot drift apart.
+Topic names, the messages (msgspec Structs, each declared once), the grammar both sides
+check values with and the protocol version are defined here and imported by both sides, so
+the two cannot drift apart.
 
-The wire grows without breaking (docs/architecture.md, "Evolving the wire"): every schema
+The wire grows without breaking (docs/architecture.md, "Evolving the wire"): every message
 here ignores fields it does not know, and a change to the protocol only adds optional
 fields, so an older agent and a newer server (or the reverse) keep understanding each other.
 """
 
 from .protocol import (  # noqa: F401
+    INT64_MAX,
+    INT64_MIN,
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
     RELEASE_SEQ_MARKER_TOPIC,
@@ -23,11 +26,22 @@ from .strict_json import (  # noqa: F401
     UnstorableJSON,
 )
 from .grammar import (  # noqa: F401
+    COMMAND_NAME_PATTERN,
+    CONTAINER_NAME_PATTERN,
+    ENVIRONMENT_KEY_PATTERN,
+    NETWORK_MODE_PATTERN,
     REGISTRY_URL_PATTERN,
+    RESTART_POLICY_PATTERN,
     check_bind,
+    check_command_name,
     check_container_name,
+    check_environment_key,
+    check_network_mode,
+    check_restart_policy,
     check_registry_url,
+    fully_qualified_name,
     parse_environment,
+    StartupParameters,
 )
 from .topics import (  # noqa: F401
     device_topic,
@@ -40,39 +54,32 @@ from .topics import (  # noqa: F401
 from .messages import (  # noqa: F401
     DEPLOYMENT_STATES,
     FINAL_DEPLOYMENT_STATES,
-    REPORT_ID,
     SERVER_DEPLOYMENT_STATES,
     check_deployment_state,
-    ContainerSpecSchema,
+    ContainerSpec,
     decode,
-    deployment_report,
-    DeploymentReportSchema,
+    DeploymentReport,
+    DictForm,
     encode,
+    from_builtins,
     Message,
-    RegistryCredentialsSchema,
-    release_message,
-    release_seq_marker,
-    ReleaseMessageSchema,
-    ReleaseSeqMarkerSchema,
-    ReleaseSpecSchema,
-    StartupParametersSchema,
-    status_message,
-    StatusSchema,
+    RegistryCredentials,
+    ReleaseMessage,
+    ReleaseSeqMarker,
+    ReleaseSpec,
+    Status,
 )
 from .telemetry import (  # noqa: F401
     FIELD_NAME,
+    FIELD_NAME_PATTERN,
     GEO_POINT,
-    INT64_MAX,
-    INT64_MIN,
+    GeoPoint,
     INTEGER_TYPES,
     MAX_BATCH_READINGS,
     NUMERIC_TYPES,
+    Reading,
     TELEMETRY_TYPES,
-    check_reading,
-    ReadingList,
-    telemetry_batch,
-    telemetry_payload,
-    TelemetryBatchSchema,
+    TelemetryBatch,
 )
 from .commands import (  # noqa: F401
     COMMAND_REPORT_STATES,
@@ -82,16 +89,13 @@ from .commands import (  # noqa: F401
     MAX_COMMAND_ERROR,
     MAX_COMMAND_TIMEOUT,
     command_message,
-    command_payload,
     command_rank,
     command_result,
-    CommandMessageSchema,
-    CommandResultSchema,
+    CommandMessage,
+    CommandResult,
 )
 from .confirmations import (  # noqa: F401
     MAX_CONFIRMED_IDS,
-    confirmation,
+    Confirmation,
     confirmation_id,
-    confirmation_payload,
-    ConfirmationSchema,
 )

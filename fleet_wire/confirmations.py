@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
-from marshmallow import fields, validate
+import msgspec
 
 from .commands import FINAL_COMMAND_STATES
-from .messages import Message, encode
+from .messages import Message
 from .protocol import MAX_PAYLOAD_BYTES
 
 #
@@ -18,7 +19,7 @@ from .protocol import MAX_PAYLOAD_BYTES
 MAX_CONFIRMED_IDS = 1000
 
 
-class ConfirmationSchema(Message):
+class Confirmation(Message, frozen=True, kw_only=True):
     """server → device on `confirmations`, QoS 1, not retained: reports the server is done with.
 
     `ids` names each report stored (or refused for good, so the device stops resending it):
@@ -26,18 +27,15 @@ class ConfirmationSchema(Message):
     command's final result by the command's `id`.
     """
 
-    ids = fields.List(fields.String(validate=validate.Length(min=1, max=64)), load_default=list,
-                      validate=validate.Length(max=MAX_CONFIRMED_IDS))
-
-
-confirmation = ConfirmationSchema()
+    ids: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]],
+                   msgspec.Meta(max_length=MAX_CONFIRMED_IDS)] = []
 
 
 def confirmation_id(kind: str, payload: bytes) -> str | None:
     """The id a confirmation names the report on a `kind` topic by, read leniently from its payload.
 
     None when it has none: an older device's report, or one that is not a JSON object.
-    Read without the report's schema so that a report the server refused is confirmed too.
+    Read without the report's type so that a report the server refused is confirmed too.
     """
     try:
         document = json.loads(payload) if len(payload) <= MAX_PAYLOAD_BYTES else None
@@ -53,7 +51,3 @@ def confirmation_id(kind: str, payload: bytes) -> str | None:
     else:
         identity = document.get("rid")
     return identity if isinstance(identity, str) and 0 < len(identity) <= 64 else None
-
-
-def confirmation_payload(ids: list[str]) -> bytes:
-    return encode(confirmation, {"ids": list(ids)})

@@ -1,14 +1,14 @@
-"""Release documents, deployment reports and status: their schemas, and encode/decode."""
+"""Every message's common part, encode and decode; release documents, deployment reports and status."""
 from __future__ import annotations
 
-import json
 import re
+from typing import Annotated, Literal, TypeVar
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+import msgspec
 
-from .grammar import check_bind, check_container_name, check_registry_url
-from .protocol import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, WireError
-from .strict_json import UnstorableJSON, check_storable, load_json
+from .grammar import ContainerName, StartupParameters, check_field, check_registry_url, whole
+from .protocol import INT64_MAX, INT64_MIN, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, WireError
+from .strict_json import MAX_JSON_DEPTH, UnstorableJSON, check_storable, load_json
 
 DEPLOYMENT_STATES = (
     "queued",
@@ -27,63 +27,50 @@ SERVER_DEPLOYMENT_STATES = ("pending", "superseded")
 # What a state a newer agent reports looks like: recorded as sent, though this side does not know it.
 _STATE_WORD = re.compile(r"^[a-z][a-z_]{0,19}$")
 
-
-class Message(Schema):
-    """Every payload carries the protocol version it was written for."""
-
-    class Meta:
-        unknown = EXCLUDE
-
-    v = fields.Integer(required=True, validate=validate.Equal(PROTOCOL_VERSION))
+# What a BIGINT column stores: every integer on the wire fits one.
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+# A report's own id (`rid`), which the server's confirmation names: short, opaque, chosen by the device.
+ReportId = Annotated[str, msgspec.Meta(pattern=whole(r"^[0-9A-Za-z_-]{1,64}$"))]
 
 
-class StartupParametersSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """Every payload carries the protocol version it was written for; fields a side does not know are ignored."""
 
-    environment = fields.String(load_default="")
-    binds = fields.List(fields.String(validate=check_bind), load_default=list)
-    network_mode = fields.String(load_default=None, allow_none=True)
-    restart_policy = fields.String(load_default=None, allow_none=True)
-    privileged = fields.Boolean(load_default=False)
+    v: Literal[1] = PROTOCOL_VERSION
 
 
-class RegistryCredentialsSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
+class RegistryCredentials(msgspec.Struct, frozen=True, kw_only=True):
+    """A registry the device logs in to before pulling the images of the release that names it."""
 
-    id = fields.Integer(required=True)
-    url = fields.String(required=True, validate=check_registry_url)
-    username = fields.String(load_default="")
-    password = fields.String(load_default="")
+    id: Int64
+    url: str
+    username: str = ""
+    password: str = ""
 
-
-class ContainerSpecSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
-    name = fields.String(required=True, validate=check_container_name)
-    image = fields.String(required=True, validate=validate.Length(min=1))
-    tag = fields.String(required=True, validate=validate.Length(min=1))
-    required_tags = fields.List(fields.String(), load_default=list)
-    startup_parameters = fields.Nested(StartupParametersSchema, load_default=dict)
-    purge_data = fields.Boolean(load_default=False)
-    registry = fields.Integer(load_default=None, allow_none=True)
-    fully_qualified_name = fields.String(required=True, validate=check_container_name)
+    def __post_init__(self):
+        check_field("url", check_registry_url, self.url)
 
 
-class ReleaseSpecSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
+class ContainerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: ContainerName
+    image: Annotated[str, msgspec.Meta(min_length=1)]
+    tag: Annotated[str, msgspec.Meta(min_length=1)]
+    required_tags: list[str] = []
+    startup_parameters: StartupParameters = msgspec.field(default_factory=StartupParameters)
+    purge_data: bool = False
+    registry: Int64 | None = None
+    fully_qualified_name: ContainerName
 
-    id = fields.Integer(required=True)
-    version = fields.String(required=True)
-    version_hash = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{8}$"))
-    containers = fields.List(fields.Nested(ContainerSpecSchema), required=True)
-    remove_containers = fields.List(fields.String(validate=check_container_name), load_default=list)
+
+class ReleaseSpec(msgspec.Struct, frozen=True, kw_only=True):
+    id: Int64
+    version: str
+    version_hash: Annotated[str, msgspec.Meta(pattern=whole(r"^[0-9a-f]{8}$"))]
+    containers: list[ContainerSpec]
+    remove_containers: list[ContainerName] = []
 
 
-class ReleaseMessageSchema(Message):
+class ReleaseMessage(Message, frozen=True, kw_only=True):
     """server → device, retained: the device's active release of one project.
 
     `release` is null in a tombstone: the project has nothing on this device any more.
@@ -92,104 +79,172 @@ class ReleaseMessageSchema(Message):
     older than the field sends none, and such a document is accepted as it always was.
     """
 
-    seq = fields.Integer(load_default=None, allow_none=True, strict=True, validate=validate.Range(min=1))
-    project_id = fields.Integer(required=True)
-    release = fields.Nested(ReleaseSpecSchema, required=True, allow_none=True)
-    registries = fields.List(fields.Nested(RegistryCredentialsSchema), load_default=list)
+    seq: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)] | None = None
+    project_id: Int64
+    release: ReleaseSpec | None
+    registries: list[RegistryCredentials] = []
 
 
-# A report's own id (`rid`), which the server's confirmation names: short, opaque, chosen by the device.
-REPORT_ID = validate.Regexp(r"^[0-9A-Za-z_-]{1,64}$")
-
-
-class DeploymentReportSchema(Message):
+class DeploymentReport(Message, frozen=True, kw_only=True):
     """device → server: progress of one release on the reporting device.
 
     `rid` (optional) names the report in the server's confirmation; a device resends the
     report until it is confirmed, so the server may receive it more than once.
     """
 
-    rid = fields.String(load_default=None, allow_none=True, validate=REPORT_ID)
-    project_id = fields.Integer(required=True)
-    release_id = fields.Integer(required=True)
-    version_hash = fields.String(load_default=None, allow_none=True)
+    rid: ReportId | None = None
+    project_id: Int64
+    release_id: Int64
+    version_hash: str | None = None
     # A state this side does not know (a newer agent's) is recorded as sent: see check_deployment_state.
-    state = fields.String(required=True, validate=lambda state: check_deployment_state(state))
-    step = fields.String(load_default=None, allow_none=True)
-    detail = fields.String(load_default="", validate=validate.Length(max=4000))
-    ts = fields.Float(required=True)
+    state: str
+    step: str | None = None
+    detail: Annotated[str, msgspec.Meta(max_length=4000)] = ""
+    ts: float
+
+    def __post_init__(self):
+        check_field("state", check_deployment_state, self.state)
 
 
 def check_deployment_state(state: str) -> None:
     """A known state, or a word a newer agent may use (lowercase, at most 20 characters); never the server's own."""
     if state in SERVER_DEPLOYMENT_STATES:
-        raise ValidationError(f"{state!r} is a state only the server records")
+        raise WireError(f"{state!r} is a state only the server records")
     if state not in DEPLOYMENT_STATES and not _STATE_WORD.match(state):
-        raise ValidationError(f"{state!r} is not a deployment state (lowercase letters and _, at most 20)")
+        raise WireError(f"{state!r} is not a deployment state (lowercase letters and _, at most 20)")
 
 
-class ReleaseSeqMarkerSchema(Message):
+class ReleaseSeqMarker(Message, frozen=True, kw_only=True):
     """server → server, retained on RELEASE_SEQ_MARKER_TOPIC: the highest release seq the broker acknowledged."""
 
-    seq = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
+    seq: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 
 
-class StatusSchema(Message):
+class Status(Message, frozen=True, kw_only=True):
     """device → server, retained with a last will: is the agent online. `rid` as in a deployment report."""
 
-    rid = fields.String(load_default=None, allow_none=True, validate=REPORT_ID)
-    state = fields.String(required=True, validate=validate.OneOf(("online", "offline")))
-    agent_version = fields.String(load_default=None, allow_none=True)
-    ts = fields.Float(load_default=None, allow_none=True)
+    rid: ReportId | None = None
+    state: Literal["online", "offline"]
+    agent_version: str | None = None
+    ts: float | None = None
 
 
-def encode(schema: Schema, message: dict) -> bytes:
-    """Serialise a payload after checking it against its schema.
+def check_free_form(name: str, value) -> None:
+    """A field of any JSON value (a command's arguments, its return value) by `load_json`'s rules.
 
-    A schema may have a quick check of its usual message in plain code (`is_usual`); what it
-    passes skips the schema's own validation, which names what is wrong with anything else.
+    msgspec refuses NaN, lone surrogates and invalid text itself; integers beyond 64 bits, NUL
+    bytes and deep nesting can only hide in these fields, whose type says nothing of them.
     """
-    body = {"v": PROTOCOL_VERSION, **message}
-    is_usual = getattr(schema, "is_usual", None)
-    if is_usual is None or not is_usual(message):
-        errors = schema.validate(body)
-        if errors:
-            raise WireError(f"outgoing {type(schema).__name__} is invalid: {errors}")
-    try:
-        check_storable(body)  # what the other side's load_json would refuse is not sent
-    except UnstorableJSON as exc:
-        raise WireError(f"outgoing {type(schema).__name__} is not storable JSON: {exc}") from None
-    try:
-        # NaN and Infinity are not JSON: a strict parser (the server's among them) refuses the whole message.
-        return json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
-    except ValueError as exc:
-        raise WireError(f"outgoing {type(schema).__name__} is not JSON: {exc}") from None
+    if value is not None and type(value) not in _PLAIN_SCALARS:
+        try:
+            check_storable({name: value})
+        except UnstorableJSON as exc:
+            raise WireError(str(exc)) from None
 
 
-def decode(schema: Schema, payload: bytes) -> dict:
-    """Parse and validate a payload; WireError names what is wrong."""
+_PLAIN_SCALARS = frozenset((str, bool))  # a NUL in text is found by decode; a float may be NaN
+
+
+M = TypeVar("M", bound=msgspec.Struct)
+_ENCODER = msgspec.json.Encoder()
+_DECODERS: dict[type, msgspec.json.Decoder] = {}
+
+
+def encode(message: msgspec.Struct, fields: dict | None = None) -> bytes:
+    """A message's payload, after checking it as the receiving side will (WireError names what is wrong).
+
+    `fields` is only for a DictForm caller (see DictForm): encode(kind, fields).
+    """
+    if isinstance(message, DictForm):
+        message = from_builtins(message.kind, fields)
+    try:
+        payload = _ENCODER.encode(message)
+    except (TypeError, ValueError, OverflowError) as exc:  # a lone surrogate among them (UnicodeEncodeError)
+        raise WireError(f"outgoing {type(message).__name__} is not JSON: {exc}") from None
+    try:
+        # Struct constraints are checked when decoding, not when building: read what was
+        # written, so that nothing the other side would refuse (NaN written as null) is sent.
+        decode(type(message), payload)
+    except WireError as exc:
+        raise WireError(f"outgoing {type(message).__name__} is invalid: {exc}") from None
+    return payload
+
+
+def decode(kind: type[M], payload: bytes) -> M:
+    """Parse and validate a payload into a `kind` message, by strict JSON's rules; WireError names what is wrong."""
+    if isinstance(kind, DictForm):
+        return msgspec.structs.asdict(decode(kind.kind, payload))
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = msgspec.json.Decoder(kind)
     try:
-        document = load_json(payload)
+        message = decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise WireError(f"payload is invalid: {explained(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise WireError(f"payload refused: {_why_not_json(payload, exc)}") from None
+    except RecursionError:
+        raise WireError(f"payload refused: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if b"\\u0000" in payload:  # a NUL byte, which no text field may hold (or an escaped backslash before u0000)
+        _refuse_unstorable(payload)
+    return message
+
+
+def from_builtins(kind: type[M], fields: dict) -> M:
+    """A `kind` message from plain values (a dict by field name, as JSON spells it), checked by its types and
+    constraints; what only the JSON text can show (NaN, a NUL byte) is checked when it is encoded."""
+    try:
+        return msgspec.convert(fields, kind)
+    except msgspec.ValidationError as exc:
+        raise WireError(explained(exc)) from None
+
+
+_MISSING_FIELD = re.compile(r"Object missing required field `(.+)`")
+_NAMED = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*: ")
+
+
+def explained(error: msgspec.ValidationError) -> str:
+    """msgspec's error as `path: what is wrong` (`readings[3].value: ...`), the path first as Fleet's errors put it.
+
+    msgspec ends its text with ` - at `$.path``; a check of our own already starts with its field's name.
+    """
+    text, at, where = str(error).rpartition(" - at `")
+    if not at:  # at the top level, msgspec names no place
+        text, where = str(error), ""
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    missing = _MISSING_FIELD.fullmatch(text)
+    if missing:
+        text, path = "a required field is missing", f"{path}.{missing[1]}" if path else missing[1]
+    if not path:
+        return text
+    return f"{path}.{text}" if _NAMED.match(text) else f"{path}: {text}"
+
+
+def _why_not_json(payload: bytes, error: msgspec.DecodeError) -> str:
+    """`load_json`'s explanation of text msgspec refused (it names the value at fault), else msgspec's."""
+    try:
+        load_json(payload)
+    except UnstorableJSON as exc:
+        return str(exc)
+    return str(error)
+
+
+def _refuse_unstorable(payload: bytes) -> None:
+    try:
+        load_json(payload)
     except UnstorableJSON as exc:
         raise WireError(f"payload refused: {exc}") from None
-    if not isinstance(document, dict):
-        raise WireError("payload is not a JSON object")
-    load_usual = getattr(schema, "load_usual", None)  # a schema's quick check of its usual message, if it has one
-    if load_usual is not None:
-        loaded = load_usual(document)
-        if loaded is not None:
-            return loaded
-    try:
-        return schema.load(document)
-    except ValidationError as exc:
-        raise WireError(f"payload is invalid: {exc.messages}") from None
-    except RecursionError:
-        raise WireError("payload is nested too deeply") from None
 
 
-release_message = ReleaseMessageSchema()
-release_seq_marker = ReleaseSeqMarkerSchema()
-deployment_report = DeploymentReportSchema()
-status_message = StatusSchema()
+class DictForm:
+    """A message kind read (`decode`) and written (`encode(kind, fields)`) as a dict of its fields.
+
+    Only for the agent's command runner, which handles commands and results as dicts until it
+    is moved to the Structs; everything else uses the Structs.
+    """
+
+    def __init__(self, kind: type[msgspec.Struct]):
+        self.kind = kind
+

@@ -5,6 +5,9 @@ TOPIC_ROOT = "fleet/v1/devices"
 RELEASE_SEQ_MARKER_TOPIC = "fleet/v1/server/release-seq"
 SHARED_GROUP = "fleet-server"
 
+# The integers every value on the wire fits: what a BIGINT column (and SQLite's INTEGER) stores.
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
 # Largest payload either side accepts; anything bigger is dropped unparsed.
 MAX_PAYLOAD_BYTES = 1024 * 1024
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from .protocol import WireError
+from .protocol import INT64_MAX, INT64_MIN, WireError
 
 # Python's json module accepts more than a database can store or another parser can read:
 # NaN and Infinity, lone surrogates (from "\ud800" escapes), NUL bytes, integers of any size
@@ -13,7 +13,6 @@ from .protocol import WireError
 # is read instead of failing later where it is stored.
 
 MAX_JSON_DEPTH = 32  # objects and arrays inside each other; Fleet's own documents need fewer than 8
-_INT_MIN, _INT_MAX = -2 ** 63, 2 ** 63 - 1  # what a BIGINT column (and SQLite's INTEGER) stores
 _UNSTORABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
 
 
@@ -38,7 +37,7 @@ def _bounded_int(literal: str):
     if len(literal) > 20:
         return _OutOfRange(literal)
     value = int(literal)
-    return value if _INT_MIN <= value <= _INT_MAX else _OutOfRange(literal)
+    return value if INT64_MIN <= value <= INT64_MAX else _OutOfRange(literal)
 
 
 _STRICT_DECODER = json.JSONDecoder(parse_int=_bounded_int)
@@ -117,7 +116,7 @@ def _check_scalar(value, path: tuple) -> None:
             raise UnstorableJSON(_dotted(path), "NaN, Infinity and numbers beyond a float's range are not JSON numbers")
     elif kind is _OutOfRange:
         raise UnstorableJSON(_dotted(path), f"an integer of {value.digits} digits is outside signed 64 bits")
-    elif kind is int and not _INT_MIN <= value <= _INT_MAX:
+    elif kind is int and not INT64_MIN <= value <= INT64_MAX:
         raise UnstorableJSON(_dotted(path), "an integer outside signed 64 bits")
 
 

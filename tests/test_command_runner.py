@@ -209,8 +209,8 @@ def slow_command(monkeypatch):
 def _message(unit_id, name="test.ping", arg=(), kwarg=None, timeout=None, deadline=None, command_id=None):
     body = {"id": command_id or str(uuid.uuid4()), "command": name, "arg": list(arg), "kwarg": kwarg or {},
             "timeout": timeout, "deadline": deadline or time.time() + 60}
-    return SimpleNamespace(payload=wire.encode(wire.command_message, body), response_topic=None, correlation=None,
-                           expires_in=None, id=body["id"])
+    return SimpleNamespace(payload=wire.encode(wire.from_builtins(wire.CommandMessage, body)), response_topic=None,
+                           correlation=None, expires_in=None, id=body["id"])
 
 
 def _final(agent, command_id):

@@ -266,8 +266,8 @@ def test_the_sweep_publishes_an_unsent_command_with_mqtt_v5_properties(app, clie
         assert service.publish_pending(_publishing_into(published)) == 0
     (topic, payload, properties), = published
     assert topic == wire.device_topic(device["unit_id"], "commands")
-    message = wire.decode(wire.command_message, payload)
-    assert str(message["id"]) == command["id"] and message["arg"] == ["web"]
+    message = wire.decode(wire.CommandMessage, payload)
+    assert str(message.id) == command["id"] and message.arg == ["web"]
     assert properties.ResponseTopic == wire.device_topic(device["unit_id"], "results")
     assert properties.CorrelationData == command["id"].encode()
     assert 590 <= properties.MessageExpiryInterval <= 600
@@ -300,7 +300,7 @@ def test_an_unfinished_command_is_asked_for_again_with_a_short_lived_repeat(app,
     assert first[2].MessageExpiryInterval > 3500  # the first copy waits out the TTL for a sleeping device
     assert _result(app, device, command["id"], "running", started_at=time.time())
     (repeat,) = _sweep(app, utcnow())
-    assert wire.decode(wire.command_message, repeat[1])["id"] == uuid.UUID(command["id"])
+    assert wire.decode(wire.CommandMessage, repeat[1]).id == uuid.UUID(command["id"])
     assert repeat[2].MessageExpiryInterval == 20  # lives until the next repeat, no longer
     stored = _stored(app, command["id"])
     assert stored.attempts == 2 and stored.next_attempt_at > utcnow() + timedelta(seconds=15)
@@ -324,15 +324,11 @@ def test_the_interval_between_repeats_grows_to_a_bound():
     (["web", 3, None, {"z": 1, "a": [True, 1.5]}], {"tail": 10, "since": "1h", "ä": "é\n\"x\""}, 2.5),
     ([1], {"b": {"d": 1, "c": 2}, "a": None}, 86400.0),
 ])
-def test_the_command_message_is_what_the_wire_schema_encodes_and_the_device_decodes(arg, kwarg, timeout):
-    command_id, deadline = str(uuid.uuid4()), time.time() + 60
-    fields = {"id": command_id, "command": "docker.logs", "arg": arg, "kwarg": kwarg, "timeout": timeout,
-              "deadline": deadline}
-    payload = wire.command_payload(command_id, "docker.logs", arg, kwarg, timeout, deadline)
-    assert payload == wire.encode(wire.command_message, fields)
-    decoded = wire.decode(wire.command_message, payload)
-    assert (str(decoded["id"]), decoded["arg"], decoded["kwarg"], decoded["timeout"], decoded["deadline"]) == (
-        command_id, arg, kwarg, timeout, deadline)
+def test_the_command_message_the_server_writes_is_what_the_device_decodes(arg, kwarg, timeout):
+    command_id, deadline = uuid.uuid4(), time.time() + 60
+    message = wire.CommandMessage(id=command_id, command="docker.logs", arg=arg, kwarg=kwarg, timeout=timeout,
+                                  deadline=deadline)
+    assert wire.decode(wire.CommandMessage, wire.encode(message)) == message
 
 
 def test_the_answer_to_a_post_reads_back_the_same_from_the_database(client, auth, device):
@@ -358,7 +354,7 @@ def test_a_report_stored_on_the_driver_is_stored_exactly_as_sqlalchemys_executio
     flag) must be what SQLAlchemy's execution of the same statement stores, down to the byte."""
     on_driver = _execute(client, auth, device, command="docker.ps").get_json()["id"]
     through_sqlalchemy = _execute(client, auth, device, command="docker.ps").get_json()["id"]
-    report = wire.command_result.load({"v": 1, "id": on_driver, "state": state, "ts": 1700000003.5, **fields})
+    report = wire.from_builtins(wire.CommandResult, {"id": on_driver, "state": state, "ts": 1700000003.5, **fields})
     # The columns the report writes (the others differ: the two commands were created apart).
     columns = list(service._FINAL_FIELDS if state in wire.FINAL_COMMAND_STATES else service._PROGRESS_FIELDS)
     with app.app_context():

@@ -206,10 +206,10 @@ def test_a_command_delivered_twice_runs_once_even_across_an_agent_restart(
 
     # What QoS 1 may do: the very same message again, now and after the agent restarted.
     stored = command_stack.get(f"/dongle/devices/{device['id']}/execute/{command['id']}/").json()
-    duplicate = wire.encode(wire.command_message, {
+    duplicate = wire.encode(wire.from_builtins(wire.CommandMessage, {
         "id": command["id"], "command": "docker.restart", "arg": [container.name], "kwarg": {"timeout": 0},
         "timeout": None, "deadline": time.time() + 600,
-    })
+    }))
     topic = wire.device_topic(device["unit_id"], "commands")
     _publish_raw(broker, topic, duplicate)
     eventually(lambda: "delivered again" in agent.process.log(), 10, message="the duplicate noticed")

@@ -195,9 +195,9 @@ class DeviceClient:
 
     def _on_command(self, client, userdata, message):
         command = wire.decode(wire.command_message, message.payload)
-        self.report("results", wire.encode(wire.command_result, {
+        self.report("results", wire.encode(wire.from_builtins(wire.CommandResult, {
             "id": str(command["id"]), "state": "succeeded", "return": True, "error": None, "truncated": False,
-            "started_at": time.time(), "finished_at": time.time(), "ts": time.time()}))
+            "started_at": time.time(), "finished_at": time.time(), "ts": time.time()})))
 
     def report(self, kind, payload: bytes):
         return self.client.publish(wire.device_topic(self.unit_id, kind), payload, qos=1)
@@ -244,11 +244,11 @@ def test_a_device_flooding_unstorable_reports_holds_up_no_other_device_even_acro
         assert all(info.is_published() for info in sent), "the broker did not take the whole flood"
 
         # The other device's status, deployment report and a command round trip all get through.
-        device.report("status", wire.encode(wire.status_message, {"state": "online", "agent_version": "b-1.0",
-                                                                  "ts": time.time()}))
-        device.report("deployments", wire.encode(wire.deployment_report, {
+        device.report("status", wire.encode(wire.from_builtins(wire.Status, {"state": "online", "agent_version": "b-1.0",
+                                                                  "ts": time.time()})))
+        device.report("deployments", wire.encode(wire.from_builtins(wire.DeploymentReport, {
             "project_id": project["id"], "release_id": release["id"], "version_hash": release["version_hash"],
-            "state": "succeeded", "step": None, "detail": "", "ts": time.time()}))
+            "state": "succeeded", "step": None, "detail": "", "ts": time.time()})))
         command = stack.post(f"/dongle/devices/{bystander['id']}/execute/", json={"command": "test.ping"}).json()
         answered = lambda: stack.get(f"/dongle/devices/{bystander['id']}/execute/{command['id']}/").json()  # noqa: E731
         eventually(lambda: answered()["state"] == "succeeded", 90, 0.5,
@@ -273,8 +273,8 @@ def test_a_device_flooding_unstorable_reports_holds_up_no_other_device_even_acro
         earlier = len(stack.worker.log())  # the restarted worker appends to the same log file
         restarted = stack.start_worker(worker_id)
         eventually(lambda: "connected and subscribed" in restarted.log()[earlier:], 30, message="the restarted worker")
-        device.report("status", wire.encode(wire.status_message, {"state": "online", "agent_version": "b-2.0",
-                                                                  "ts": time.time()}))
+        device.report("status", wire.encode(wire.from_builtins(wire.Status, {"state": "online", "agent_version": "b-2.0",
+                                                                  "ts": time.time()})))
         eventually(lambda: stack.get(f"/dongle/devices/{bystander['id']}/").json()["agent_version"] == "b-2.0", 30,
                    message="a report after the restart\n" + restarted.log()[-3000:])
         time.sleep(1.0)  # what a session would redeliver comes first, at once

@@ -42,8 +42,8 @@ class Device:
     def publish(self, project_id, doc, registries=()):
         topic = wire.release_topic(self.unit_id, project_id)
         self.topics.add(topic)
-        payload = wire.encode(wire.release_message, {"project_id": project_id, "release": doc,
-                                                     "registries": list(registries)})
+        payload = wire.encode(wire.from_builtins(wire.ReleaseMessage, {"project_id": project_id, "release": doc,
+                                                     "registries": list(registries)}))
         self.publisher.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
 
     def queued(self, project_id):

@@ -40,7 +40,7 @@ def _report(fleet, device: int, release: str, state: str, ts: float, project_id=
     body = {"project_id": project_id or release["project"], "release_id": release["id"],
             "version_hash": release["version_hash"], "state": state, "step": None, "detail": detail, "ts": ts}
     topic = wire.device_topic(fleet["devices"][device]["unit_id"], "deployments")
-    return topic, wire.encode(wire.deployment_report, body)
+    return topic, wire.encode(wire.from_builtins(wire.DeploymentReport, body))
 
 
 def _stored(fleet) -> dict:

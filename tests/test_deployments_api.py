@@ -29,7 +29,7 @@ def report(app, device, release, state, step=None, detail="", ts=None):
             "state": state, "step": step, "detail": detail, "ts": ts or time.time()}
     with app.app_context():
         assert handle_message(wire.device_topic(device["unit_id"], "deployments"),
-                              wire.encode(wire.deployment_report, body))
+                              wire.encode(wire.from_builtins(wire.DeploymentReport, body)))
 
 
 def release_view(client, auth, fleet, index):

@@ -33,11 +33,11 @@ def _publish(broker, topic: str, payload: bytes):
 
 def _release_with_registry(project_id: int) -> bytes:
     """A release for the queue (not applied: nothing asks the agent to sleep) and a registry with a password."""
-    return wire.encode(wire.release_message, {
+    return wire.encode(wire.from_builtins(wire.ReleaseMessage, {
         "project_id": project_id,
         "release": {"id": 1, "version": "1.0.0", "version_hash": "0123abcd", "containers": [], "remove_containers": []},
         "registries": [{"id": 3, "url": "registry.example:5000", "username": "fleet", "password": "hunter2"}],
-    })
+    }))
 
 
 def _modes(root) -> dict[str, int]:

@@ -40,8 +40,8 @@ VALID = {
     "telemetry": {"v": 1, "batch_id": "0123456789abcdef0123456789abcdef", "dropped": 0,
                   "readings": [{"field": "obd.bat.voltage", "type": "float", "ts": 1.0, "value": 12.6}]},
 }
-SCHEMAS = {"releases": wire.release_message, "deployments": wire.deployment_report, "status": wire.status_message,
-           "commands": wire.command_message, "results": wire.command_result, "telemetry": wire.telemetry_batch}
+KINDS = {"releases": wire.ReleaseMessage, "deployments": wire.DeploymentReport, "status": wire.Status,
+         "commands": wire.CommandMessage, "results": wire.CommandResult, "telemetry": wire.TelemetryBatch}
 ODD_VALUES = [None, True, -1, 2**63, 1e308, "", "x" * 5000, [], {}, [None], {"$gt": ""}, "../../etc/passwd",
               "\u0000", "\ud800", "<script>", -0.0, "NaN"]
 
@@ -85,7 +85,7 @@ def _with_unstorable_value(document, rng):
 
 def hostile_payloads(kind: str, count: int, rng: random.Random):
     """`count` payloads of every hostile sort, none of which the wire contract accepts."""
-    schema = SCHEMAS[kind]
+    message_kind = KINDS[kind]
     valid = VALID[kind]
     makers = [
         lambda: rng.randbytes(rng.randrange(1, 300)),  # binary (an empty payload clears a topic: not hostile)
@@ -104,7 +104,7 @@ def hostile_payloads(kind: str, count: int, rng: random.Random):
     while len(payloads) < count:
         payload = rng.choice(makers)()
         try:
-            wire.decode(schema, payload)
+            wire.decode(message_kind, payload)
         except wire.WireError:
             payloads.append(payload)
     # A few huge ones: over the size limit, and just under it with garbage inside.

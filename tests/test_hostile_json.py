@@ -53,31 +53,39 @@ def test_the_loader_accepts_what_can_be_stored():
     assert wire.load_json(b'"\\ud83d\\ude00"') == "\U0001f600"  # an escaped surrogate pair is one character
 
 
-@pytest.mark.parametrize("schema, body, field", [
-    (wire.status_message, {"state": "online", "agent_version": "\ud800"}, "agent_version"),
-    (wire.deployment_report, {"project_id": 1, "release_id": 1, "state": "failed", "step": "\ud800", "ts": 1.0},
+@pytest.mark.parametrize("kind, body, field", [
+    (wire.Status, {"state": "online", "agent_version": "\ud800"}, "agent_version"),
+    (wire.DeploymentReport, {"project_id": 1, "release_id": 1, "state": "failed", "step": "\ud800", "ts": 1.0},
      "step"),
-    (wire.deployment_report, {"project_id": 1, "release_id": 1, "state": "failed", "detail": "\udc00", "ts": 1.0},
+    (wire.DeploymentReport, {"project_id": 1, "release_id": 1, "state": "failed", "detail": "\udc00", "ts": 1.0},
      "detail"),
-    (wire.command_result, {"id": str(uuid.uuid4()), "state": "failed", "error": "\ud800", "ts": 1.0}, "error"),
-    (wire.command_result, {"id": str(uuid.uuid4()), "state": "succeeded", "return": [1, "\x00"], "ts": 1.0},
+    (wire.CommandResult, {"id": str(uuid.uuid4()), "state": "failed", "error": "\ud800", "ts": 1.0}, "error"),
+    (wire.CommandResult, {"id": str(uuid.uuid4()), "state": "succeeded", "return": [1, "\x00"], "ts": 1.0},
      "return.1"),
-    (wire.command_message, {"id": str(uuid.uuid4()), "command": "test.ping", "arg": [1e400], "deadline": 4e9},
+    (wire.CommandMessage, {"id": str(uuid.uuid4()), "command": "test.ping", "arg": [1e400], "deadline": 4e9},
      "arg.0"),
 ])
-def test_decode_refuses_unstorable_values_in_every_kind_of_message(schema, body, field):
+def test_decode_refuses_unstorable_values_in_every_kind_of_message(kind, body, field):
     payload = json.dumps({"v": 1, **body}).encode()  # json.dumps writes them all: as escapes, or Infinity
-    with pytest.raises(wire.WireError, match=f"payload refused: {field}: "):
-        wire.decode(schema, payload)
+    with pytest.raises(wire.WireError, match=f"{field}: "):
+        wire.decode(kind, payload)
+
+
+@pytest.mark.parametrize("ts", [math.inf, -math.inf, math.nan])
+def test_a_non_finite_time_is_refused(ts):
+    payload = json.dumps({"v": 1, "id": str(uuid.uuid4()), "state": "delivered", "ts": ts}).encode()
+    with pytest.raises(wire.WireError, match="ts: NaN, Infinity"):
+        wire.decode(wire.CommandResult, payload)
 
 
 def test_encode_refuses_a_result_the_server_would_refuse():
-    result = {"id": str(uuid.uuid4()), "state": "succeeded", "return": math.nan, "error": None, "truncated": False,
-              "started_at": None, "finished_at": None, "ts": time.time()}
+    result = {"id": uuid.uuid4(), "state": "succeeded", "ts": time.time()}
     with pytest.raises(wire.WireError, match="return: NaN"):
-        wire.encode(wire.command_result, result)
-    with pytest.raises(wire.WireError, match="error: text holding a lone surrogate"):
-        wire.encode(wire.command_result, {**result, "return": None, "state": "failed", "error": "\ud800"})
+        wire.encode(wire.CommandResult(**result, return_value=math.nan))
+    with pytest.raises(wire.WireError, match="outgoing CommandResult is not JSON: .*surrogates not allowed"):
+        wire.encode(wire.CommandResult(**{**result, "state": "failed"}, error="\ud800"))
+    with pytest.raises(wire.WireError, match="outgoing CommandResult is invalid: .*ts"):
+        wire.encode(wire.CommandResult(**{**result, "ts": math.inf}))
 
 
 class RawRecordingClient:

@@ -46,7 +46,7 @@ def fleet(database_url, broker, tmp_path):
 def _report(fleet, index: int, release_id=None) -> tuple[str, bytes]:
     body = {"project_id": fleet["project"], "release_id": release_id or fleet["release"], "version_hash": "0badc0de",
             "state": "queued", "step": None, "detail": "", "ts": time.time()}
-    return wire.device_topic(fleet["units"][index], "deployments"), wire.encode(wire.deployment_report, body)
+    return wire.device_topic(fleet["units"][index], "deployments"), wire.encode(wire.from_builtins(wire.DeploymentReport, body))
 
 
 def _publish(broker, messages):
@@ -162,7 +162,7 @@ def test_a_batch_the_database_fails_mid_way_is_not_acknowledged_and_is_stored_on
     # Status reports: each updates its device's row, so the PostgreSQL batch waits on device 6's lock
     # after it has written devices 0-5 in its transaction.
     messages = [(wire.device_topic(unit, "status"),
-                 wire.encode(wire.status_message, {"state": "online", "agent_version": "9.9", "ts": time.time()}))
+                 wire.encode(wire.from_builtins(wire.Status, {"state": "online", "agent_version": "9.9", "ts": time.time()})))
                 for unit in fleet["units"]]
     messages += [_report(fleet, i) for i in range(6)]  # 18 in all: the test broker keeps 20 in flight per client
     worker = _worker(fleet, worker_id)

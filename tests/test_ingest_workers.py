@@ -56,7 +56,7 @@ def _report(units, ids, start, stop, publisher):
         body = {"project_id": project_id, "release_id": release_id, "version_hash": "0badc0de",
                 "state": "queued", "step": None, "detail": "", "ts": time.time()}
         sent.append(publisher.publish(wire.device_topic(unit_id, "deployments"),
-                                      wire.encode(wire.deployment_report, body), qos=1))
+                                      wire.encode(wire.from_builtins(wire.DeploymentReport, body)), qos=1))
     for info in sent:
         info.wait_for_publish(10)
 

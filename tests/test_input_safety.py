@@ -24,8 +24,8 @@ def fleet(client, auth):
 
 
 def _report(project_id, release_id, state="succeeded"):
-    return wire.encode(wire.deployment_report, {"project_id": project_id, "release_id": release_id, "state": state,
-                                                "step": "verify", "detail": "", "ts": time.time()})
+    return wire.encode(wire.from_builtins(wire.DeploymentReport, {"project_id": project_id, "release_id": release_id, "state": state,
+                                                "step": "verify", "detail": "", "ts": time.time()}))
 
 
 def test_a_report_on_device_as_topic_naming_device_bs_release_is_rejected_and_writes_nothing(app, fleet):
@@ -87,7 +87,7 @@ def _release_message(**container):
 
 
 def _decode(message) -> dict:
-    return wire.decode(wire.release_message, json.dumps({"v": 1, **message}).encode())
+    return wire.decode(wire.ReleaseMessage, json.dumps({"v": 1, **message}).encode())
 
 
 @pytest.mark.parametrize("container", [
@@ -116,4 +116,4 @@ def test_the_agent_rejects_an_unsafe_registry_url(url):
 def test_the_agent_accepts_a_plain_registry_address(url):
     message = _release_message()
     message["registries"][0]["url"] = url
-    assert _decode(message)["registries"][0]["url"] == url
+    assert _decode(message).registries[0].url == url

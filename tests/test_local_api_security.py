@@ -205,10 +205,10 @@ def test_a_command_from_the_server_over_mqtt_is_held_to_the_same_scope(agent, br
         eventually(lambda: requests.get(agent.url + "/status", timeout=5).json()["connected"], 20,
                    message="the agent connected to the broker")
         command_id = str(uuid.uuid4())
-        payload = wire.encode(wire.command_message, {
+        payload = wire.encode(wire.from_builtins(wire.CommandMessage, {
             "id": command_id, "command": "docker.stop", "arg": [unmanaged_container.name], "kwarg": {"timeout": 0},
             "timeout": None, "deadline": time.time() + 60,
-        })
+        }))
         client.publish(wire.device_topic(agent.unit_id, "commands"), payload, qos=1).wait_for_publish(10)
         final = eventually(lambda: [r for r in results if r["id"] == command_id
                                     and r["state"] in wire.FINAL_COMMAND_STATES], 20, 0.05, message="the result")

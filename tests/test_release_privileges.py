@@ -234,8 +234,8 @@ def test_an_agent_refuses_a_privileged_release_forged_on_the_broker_with_the_ser
     # Whoever holds the server's broker account can publish any release; the device judges it by its own settings.
     document = forged_privileged(release)
     publish_retained(secured_broker, secured_broker.server, wire.release_topic(identity["unit_id"], project["id"]),
-                     wire.encode(wire.release_message, {"project_id": project["id"], "release": document,
-                                                        "registries": []}))
+                     wire.encode(wire.from_builtins(wire.ReleaseMessage, {"project_id": project["id"], "release": document,
+                                                        "registries": []})))
     eventually(lambda: json.loads(queued.read_text())["release"] == document, 30,
                message="the forged release in the agent's queue")
 

@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 from flask.cli import ScriptInfo
@@ -28,7 +29,8 @@ def _doc(project_id, release_id, seq=None, version_hash="0badc0de"):
     body = {"project_id": project_id, "release": release, "registries": []}
     if seq is not None:
         body["seq"] = seq
-    return wire.decode(wire.release_message, wire.encode(wire.release_message, body))
+    # The agent keeps a release as plain values (see Agent._handle_release).
+    return msgspec.to_builtins(wire.decode(wire.ReleaseMessage, wire.encode(wire.from_builtins(wire.ReleaseMessage, body))))
 
 
 # --- the agent's side ---------------------------------------------------------------------------------------------

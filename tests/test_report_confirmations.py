@@ -53,7 +53,7 @@ def test_a_report_is_kept_on_disk_until_confirmed_even_across_a_restart(tmp_path
     reports.send("deployments", deployment("started"))
     reports.send("deployments", deployment("succeeded", 2.0))
     first, second = published.rids()
-    assert wire.decode(wire.deployment_report, json.dumps({"v": 1, **published[0][1]}).encode())["rid"] == first
+    assert wire.decode(wire.DeploymentReport, json.dumps({"v": 1, **published[0][1]}).encode()).rid == first
 
     restarted = PendingReports(tmp_path / "reports", published)
     assert [r.rid for r in restarted.pending()] == [first, second]  # oldest first
@@ -162,11 +162,11 @@ def test_the_worker_confirms_each_devices_settled_reports_by_their_ids():
 
 
 def test_a_confirmation_payload_follows_the_contract():
-    payload = wire.confirmation_payload(["r1", "r2"])
-    assert wire.decode(wire.confirmation, payload)["ids"] == ["r1", "r2"]
-    assert wire.decode(wire.confirmation, b'{"v": 1, "later": true}')["ids"] == []  # fields it does not know pass
+    payload = wire.encode(wire.Confirmation(ids=["r1", "r2"]))
+    assert wire.decode(wire.Confirmation, payload).ids == ["r1", "r2"]
+    assert wire.decode(wire.Confirmation, b'{"v": 1, "later": true}').ids == []  # fields it does not know pass
     with pytest.raises(wire.WireError, match="ids"):
-        wire.decode(wire.confirmation, b'{"v": 1, "ids": [5]}')
+        wire.decode(wire.Confirmation, b'{"v": 1, "ids": [5]}')
 
 
 # --- who may read a confirmation ------------------------------------------------------------------
@@ -190,13 +190,13 @@ def test_a_device_reads_its_own_confirmations_and_not_another_devices(secured_br
         assert device.accepted
         assert device.subscribe(wire.device_topic(own, "confirmations"))
         assert not device.subscribe(wire.device_topic(other, "confirmations"))
-        assert not device.publish(wire.device_topic(own, "confirmations"), wire.confirmation_payload(["forged"]))
+        assert not device.publish(wire.device_topic(own, "confirmations"), wire.encode(wire.Confirmation(ids=["forged"])))
 
         server = Connection(secured_broker, *secured_broker.server)
         connections.append(server)
-        assert server.publish(wire.device_topic(own, "confirmations"), wire.confirmation_payload(["r1"]))
+        assert server.publish(wire.device_topic(own, "confirmations"), wire.encode(wire.Confirmation(ids=["r1"])))
         message = eventually(lambda: device.messages, 10, 0.05, "the confirmation at the device")[0]
-        assert wire.decode(wire.confirmation, message.payload)["ids"] == ["r1"]
+        assert wire.decode(wire.Confirmation, message.payload).ids == ["r1"]
     finally:
         for connection in connections:
             connection.close()

@@ -16,7 +16,7 @@ def readings(count, start=0):
 
 
 def values(batch):
-    return [r["value"] for r in wire.decode(wire.telemetry_batch, batch.payload)["readings"]]
+    return [r.value for r in wire.decode(wire.TelemetryBatch, batch.payload).readings]
 
 
 def test_readings_wait_on_disk_and_survive_a_restart(tmp_path):
@@ -55,7 +55,7 @@ def test_a_full_buffer_drops_the_oldest_readings_and_reports_how_many(tmp_path):
     assert buffer.stats() == {"waiting": 5, "in_flight": 0, "dropped": 2, "capacity": 5}
     batch = buffer.next_batch()
     assert values(batch) == [2.0, 3.0, 4.0, 5.0, 6.0]
-    assert wire.decode(wire.telemetry_batch, batch.payload)["dropped"] == 2
+    assert wire.decode(wire.TelemetryBatch, batch.payload).dropped == 2
 
 
 def test_an_empty_buffer_forms_no_batch(tmp_path):
@@ -66,8 +66,8 @@ def test_a_file_source_reads_a_number_and_scales_it(tmp_path):
     path = tmp_path / "voltage_now"
     path.write_text("12600000\n")
     source = parse_file_source(f"obd.bat.voltage={path}*0.000001")
-    reading = wire.check_reading(source.read())
-    assert (reading["field"], reading["type"], reading["value"]) == ("obd.bat.voltage", "double", pytest.approx(12.6))
+    reading = wire.from_builtins(wire.Reading, source.read())
+    assert (reading.field, reading.type, reading.value) == ("obd.bat.voltage", "double", pytest.approx(12.6))
 
 
 def test_a_file_source_without_its_file_or_number_is_unavailable(tmp_path):
@@ -81,8 +81,8 @@ def test_a_file_source_without_its_file_or_number_is_unavailable(tmp_path):
 def test_uptime_is_read_from_the_real_proc_file():
     from fleet_device.telemetry import uptime_source
 
-    reading = wire.check_reading(uptime_source().read())
-    assert reading["field"] == "sys.uptime" and reading["value"] > 0
+    reading = wire.from_builtins(wire.Reading, uptime_source().read())
+    assert reading.field == "sys.uptime" and reading.value > 0
 
 
 @pytest.mark.parametrize("text", ["novalue", "=/x", "f=", "f=/x*ten", "bad field=/x"])
@@ -94,8 +94,8 @@ def test_a_malformed_file_source_option_is_refused(text):
 def test_a_gpsd_fix_becomes_a_position_and_other_reports_do_not():
     tpv = {"class": "TPV", "mode": 3, "time": "2020-07-09T10:11:53.811Z", "lat": 57.04699, "lon": 9.93909}
     reading = position_from_gpsd(json.dumps(tpv))
-    assert reading == {"field": "track.pos.loc", "type": "geo_point", "ts": 1594289513.811,
-                       "value": {"lat": 57.04699, "lon": 9.93909}}
+    assert reading == wire.Reading(field="track.pos.loc", type="geo_point", ts=1594289513.811,
+                                   value=wire.GeoPoint(lat=57.04699, lon=9.93909))
     assert position_from_gpsd(json.dumps({**tpv, "mode": 1})) is None
     assert position_from_gpsd(json.dumps({"class": "SKY"})) is None
     assert position_from_gpsd(b"garbage") is None
@@ -103,8 +103,8 @@ def test_a_gpsd_fix_becomes_a_position_and_other_reports_do_not():
 
 def test_a_posted_reading_takes_its_iso_timestamp_or_now():
     reading = reading_from_request({"field": "a", "type": "int", "value": 3, "ts": "2020-07-09T10:11:53.811839Z"})
-    assert reading["ts"] == pytest.approx(1594289513.811839, abs=1e-6)
-    assert reading_from_request({"field": "a", "type": "int", "value": 3}, now=5.0)["ts"] == 5.0
+    assert reading.ts == pytest.approx(1594289513.811839, abs=1e-6)
+    assert reading_from_request({"field": "a", "type": "int", "value": 3}, now=5.0).ts == 5.0
 
 
 @pytest.mark.parametrize("body, key", [

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,36 +29,35 @@ def _release_message() -> dict:
 
 
 def test_the_agent_ignores_fields_it_does_not_know_at_every_level_of_a_release_document():
-    loaded = wire.decode(wire.release_message, json.dumps(_release_message()).encode())
-    container = loaded["release"]["containers"][0]
-    assert container["startup_parameters"]["network_mode"] == "none"
-    assert "added_by_a_newer_version" not in container["startup_parameters"]
-    assert "added_by_a_newer_version" not in container and "added_by_a_newer_version" not in loaded["release"]
-    assert loaded["seq"] == 9 and loaded["registries"][0]["url"] == "registry.example:5000"
+    loaded = wire.decode(wire.ReleaseMessage, json.dumps(_release_message()).encode())
+    container = loaded.release.containers[0]
+    assert container.startup_parameters.network_mode == "none"
+    assert "added_by_a_newer_version" not in msgspec.to_builtins(loaded)
+    assert loaded.seq == 9 and loaded.registries[0].url == "registry.example:5000"
 
 
-@pytest.mark.parametrize("schema, body", [
-    (wire.deployment_report, {"project_id": 1, "release_id": 2, "state": "queued", "ts": 1.0}),
-    (wire.status_message, {"state": "online"}),
-    (wire.command_result, {"id": str(uuid.uuid4()), "state": "succeeded", "return": 1, "error": None,
+@pytest.mark.parametrize("kind, body", [
+    (wire.DeploymentReport, {"project_id": 1, "release_id": 2, "state": "queued", "ts": 1.0}),
+    (wire.Status, {"state": "online"}),
+    (wire.CommandResult, {"id": str(uuid.uuid4()), "state": "succeeded", "return": 1, "error": None,
                            "truncated": False, "started_at": None, "finished_at": None, "ts": 1.0}),
-    (wire.command_message, {"id": str(uuid.uuid4()), "command": "test.ping", "arg": [], "kwarg": {},
+    (wire.CommandMessage, {"id": str(uuid.uuid4()), "command": "test.ping", "arg": [], "kwarg": {},
                             "timeout": None, "deadline": 2e9}),
-    (wire.telemetry_batch, {"batch_id": uuid.uuid4().hex, "dropped": 0,
+    (wire.TelemetryBatch, {"batch_id": uuid.uuid4().hex, "dropped": 0,
                             "readings": [{"field": "t", "type": "float", "ts": 1.0, "value": 2.0, **NEWER}]}),
-    (wire.release_seq_marker, {"seq": 3}),
+    (wire.ReleaseSeqMarker, {"seq": 3}),
 ])
-def test_every_wire_message_is_read_with_fields_it_does_not_know(schema, body):
-    loaded = wire.decode(schema, json.dumps({"v": 1, **body, **NEWER}).encode())
-    assert "added_by_a_newer_version" not in loaded
-    if schema is wire.telemetry_batch:
-        assert loaded["readings"] == [{"field": "t", "type": "float", "ts": 1.0, "value": 2.0}]
+def test_every_wire_message_is_read_with_fields_it_does_not_know(kind, body):
+    loaded = wire.decode(kind, json.dumps({"v": 1, **body, **NEWER}).encode())
+    assert "added_by_a_newer_version" not in msgspec.to_builtins(loaded)
+    if kind is wire.TelemetryBatch:
+        assert loaded.readings == [wire.Reading(field="t", type="float", ts=1.0, value=2.0)]
 
 
 def test_a_release_document_of_an_older_server_without_seq_is_read():
     document = _release_message()
     del document["seq"]
-    assert wire.decode(wire.release_message, json.dumps(document).encode())["seq"] is None
+    assert wire.decode(wire.ReleaseMessage, json.dumps(document).encode()).seq is None
 
 
 @pytest.mark.parametrize("state, accepted", [
@@ -67,10 +67,10 @@ def test_a_release_document_of_an_older_server_without_seq_is_read():
 def test_a_deployment_state_is_a_known_one_or_a_newer_agents_word_but_never_the_servers_own(state, accepted):
     payload = json.dumps({"v": 1, "project_id": 1, "release_id": 2, "state": state, "ts": 1.0}).encode()
     if accepted:
-        assert wire.decode(wire.deployment_report, payload)["state"] == state
+        assert wire.decode(wire.DeploymentReport, payload).state == state
     else:
         with pytest.raises(wire.WireError, match="state"):
-            wire.decode(wire.deployment_report, payload)
+            wire.decode(wire.DeploymentReport, payload)
 
 
 def test_an_unknown_deployment_state_and_unknown_fields_are_recorded_as_the_agent_sent_them(app, client, auth):

@@ -4,7 +4,7 @@ from marshmallow import fields, validate
 import fleet_wire as wire
 
 from ..pagination import page_schema
-from ..schemas import StrictSchema
+from ..schemas import StrictSchema, wire_rule
 
 DEFAULT_TTL = 3600
 # A device's broker session outlives a week of sleep at most; a longer TTL would be a promise
@@ -15,8 +15,9 @@ MAX_TTL = 7 * 24 * 3600
 class CommandCreateSchema(StrictSchema):
     command = fields.String(
         required=True,
-        validate=validate.Regexp(r"^[A-Za-z0-9_.-]{1,200}$", error="a command name such as docker.logs is required"),
-        metadata={"description": "The command, e.g. `docker.logs`, `state.sls`, `test.ping`."},
+        validate=wire_rule(wire.check_command_name),
+        metadata={"description": "The command, e.g. `docker.logs`, `state.sls`, `test.ping`.",
+                  "pattern": wire.COMMAND_NAME_PATTERN},
     )
     arg = fields.List(fields.Raw(allow_none=True), load_default=list, metadata={"description": "Positional arguments."})
     kwarg = fields.Dict(keys=fields.String(), load_default=dict, metadata={"description": "Keyword arguments."})

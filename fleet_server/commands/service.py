@@ -10,6 +10,7 @@ sweep also asks again for commands that have no final result after a while (see
 import json
 import logging
 import math
+import uuid
 from datetime import datetime, timedelta, timezone
 
 from flask import current_app
@@ -122,8 +123,9 @@ def message_for(command: Command, unit_id: str, now: datetime, first: bool | Non
             expiry = min(expiry, remaining)
     if command.state == "queued" and remaining <= 0:
         return None
-    payload = wire.command_payload(command.id, command.command, command.arg, command.kwarg, command.timeout,
-                                   command.expires_at.timestamp())
+    payload = wire.encode(wire.CommandMessage(
+        id=uuid.UUID(command.id), command=command.command, arg=command.arg, kwarg=command.kwarg,
+        timeout=command.timeout, deadline=command.expires_at.timestamp()))
     request = Request(wire.device_topic(unit_id, "results"), command.id, max(1, math.ceil(expiry)))
     return wire.device_topic(unit_id, "commands"), payload, request
 
@@ -235,7 +237,7 @@ def _moment(epoch: float | None) -> datetime | None:
         raise Rejected(f"timestamp {epoch!r} is out of range") from None
 
 
-def record_result(device, report: dict) -> None:
+def record_result(device, report: wire.CommandResult) -> None:
     """Store a device's report on one of its commands. The topic named the device, so a
     report can only ever touch that device's commands.
 
@@ -246,7 +248,7 @@ def record_result(device, report: dict) -> None:
     When another worker stored a report on the same command in between, the guard matches
     nothing and the decision is taken again on what it stored.
     """
-    command_id = str(report["id"])
+    command_id = str(report.id)
     if _advance(device, command_id, report):
         return
     for _attempt in range(5):
@@ -307,32 +309,32 @@ def _advance_update(state: str):
 _ADVANCE = {state: _advance_update(state) for state in wire.COMMAND_REPORT_STATES}
 
 
-def _advance(device, command_id: str, report: dict) -> bool:
+def _advance(device, command_id: str, report: wire.CommandResult) -> bool:
     """Store the report if it moves an unfinished command of this device forward; False if it does not."""
-    return _ADVANCE[report["state"]].run(db.session.connection(), _advance_parameters(device, command_id, report)) == 1
+    return _ADVANCE[report.state].run(db.session.connection(), _advance_parameters(device, command_id, report)) == 1
 
 
-def _advance_parameters(device, command_id: str, report: dict) -> dict:
-    state = report["state"]
+def _advance_parameters(device, command_id: str, report: wire.CommandResult) -> dict:
+    state = report.state
     values = {
         "command_id": command_id,
         "of_device": device.id,
-        "device_reported_at": report["ts"],
-        "reported_start": _moment(report["started_at"]),
+        "device_reported_at": report.ts,
+        "reported_start": _moment(report.started_at),
     }
     if state in wire.FINAL_COMMAND_STATES:
-        values.update(return_value=report["return_value"], error=report["error"], truncated=report["truncated"],
-                      finished_at=_moment(report["finished_at"]))
+        values.update(return_value=report.return_value, error=report.error, truncated=report.truncated,
+                      finished_at=_moment(report.finished_at))
     values["now"] = utcnow()
     return values
 
 
-def _update_from_report(device, command_id: str, report: dict) -> bool:
+def _update_from_report(device, command_id: str, report: wire.CommandResult) -> bool:
     """False when the command's state changed between the read and the write."""
     current = db.session.execute(_READ_FOR_REPORT, {"command_id": command_id}).first()
     if current is None or current.device_id != device.id:
         raise Rejected(f"command {command_id} is not a command of device {device.id}")
-    state = report["state"]
+    state = report.state
     if current.state in wire.FINAL_COMMAND_STATES and current.device_reported_at is not None:
         return True  # QoS 1 duplicates and late progress never change a finished command
     if current.state in wire.FINAL_COMMAND_STATES:
@@ -345,18 +347,18 @@ def _update_from_report(device, command_id: str, report: dict) -> bool:
         "command_id": command_id,
         "was": current.state,
         "state": state,
-        "device_reported_at": report["ts"],
+        "device_reported_at": report.ts,
         "delivered_at": current.delivered_at or now,
-        "started_at": _moment(report["started_at"]) or current.started_at,
+        "started_at": _moment(report.started_at) or current.started_at,
     }
     statement = _STORE_PROGRESS
     if state in wire.FINAL_COMMAND_STATES:
         statement = _STORE_FINAL
         values.update(
-            return_value=report["return_value"],
-            error=report["error"],
-            truncated=report["truncated"],
-            finished_at=_moment(report["finished_at"]),
+            return_value=report.return_value,
+            error=report.error,
+            truncated=report.truncated,
+            finished_at=_moment(report.finished_at),
             completed_at=now,
             next_attempt_at=None,
         )

@@ -9,6 +9,7 @@ from functools import lru_cache
 from sqlalchemy import Numeric, cast, func, insert, text
 from sqlalchemy.exc import DBAPIError
 
+import fleet_wire as wire
 from fleet_wire import GEO_POINT, INTEGER_TYPES
 
 from ..driver_statements import DriverStatement
@@ -26,19 +27,19 @@ _AGGREGATES = {"avg": func.avg, "min": func.min, "max": func.max, "sum": func.su
 NUMERIC_OUT_OF_RANGE = "22003"  # PostgreSQL's SQLSTATE for a double that overflows
 
 
-def record_telemetry(device, batch: dict) -> bool:
+def record_telemetry(device, batch: wire.TelemetryBatch) -> bool:
     """Add a batch's readings to the caller's transaction; False when the batch was stored before."""
     seen = db.session.scalar(
-        db.select(TelemetryBatch.id).filter_by(device_id=device.id, batch_id=batch["batch_id"])
+        db.select(TelemetryBatch.id).filter_by(device_id=device.id, batch_id=batch.batch_id)
     )
     if seen is not None:
-        log.info("duplicate telemetry batch device=%s batch=%s ignored", device.id, batch["batch_id"])
+        log.info("duplicate telemetry batch device=%s batch=%s ignored", device.id, batch.batch_id)
         return False
-    readings = batch["readings"]
-    db.session.add(TelemetryBatch(device_id=device.id, batch_id=batch["batch_id"], readings=len(readings),
-                                  dropped=batch["dropped"]))
-    if batch["dropped"]:
-        log.warning("device=%s reports %d telemetry readings dropped by its full buffer", device.id, batch["dropped"])
+    readings = batch.readings
+    db.session.add(TelemetryBatch(device_id=device.id, batch_id=batch.batch_id, readings=len(readings),
+                                  dropped=batch.dropped))
+    if batch.dropped:
+        log.warning("device=%s reports %d telemetry readings dropped by its full buffer", device.id, batch.dropped)
     rows = [reading_row(device.id, reading) for reading in readings]
     connection = db.session.connection()
     if connection.dialect.name == "postgresql":
@@ -53,20 +54,20 @@ READING_COLUMNS = ("device_id", "field", "field_type", "ts_us", "value", "lat", 
 _COPY_READINGS = f"COPY telemetry_reading ({', '.join(READING_COLUMNS)}) FROM STDIN"
 
 
-def reading_row(device_id: str, reading: dict) -> tuple:
+def reading_row(device_id: str, reading: wire.Reading) -> tuple:
     """A reading as a row of READING_COLUMNS, with its entry of a raw read rendered (see models.py).
 
     Values go in as floats: the column is a double (a raw read has always returned `5.0` for an
     int 5), and SQLite's driver refuses a Python int beyond 64 bits.
     """
-    ts_us = round(reading["ts"] * 1_000_000)
+    ts_us = round(reading.ts * 1_000_000)
     ts = _iso(ts_us, "microseconds")
-    if reading["type"] == GEO_POINT:
-        lat, lon = float(reading["value"]["lat"]), float(reading["value"]["lon"])
+    if reading.type == GEO_POINT:
+        lat, lon = reading.value.lat, reading.value.lon
         entry = f'{{"ts":"{ts}","location":{{"lat":{lat!r},"lon":{lon!r}}}}}'
-        return device_id, reading["field"], GEO_POINT, ts_us, None, lat, lon, entry
-    value = float(reading["value"])
-    return device_id, reading["field"], reading["type"], ts_us, value, None, None, f'{{"ts":"{ts}","value":{value!r}}}'
+        return device_id, reading.field, GEO_POINT, ts_us, None, lat, lon, entry
+    value = float(reading.value)
+    return device_id, reading.field, reading.type, ts_us, value, None, None, f'{{"ts":"{ts}","value":{value!r}}}'
 
 
 def _copy_rows(connection, rows: list[tuple]):

@@ -39,7 +39,7 @@ class DeploymentReports:
     def __init__(self, reports):
         """`reports`: [(device, report)], the device as an (id, unit_id) row."""
         connection = db.session.connection()
-        release_ids = list({report["release_id"] for _device, report in reports})
+        release_ids = list({report.release_id for _device, report in reports})
         self.project_of = dict(connection.execute(_PROJECTS_OF_RELEASES, {"release_ids": release_ids}).all())
         self.targeted = set()
         # (release_id, device_id) -> the deployment's fields as they stand after the reports seen so far
@@ -54,22 +54,22 @@ class DeploymentReports:
         self.stored = set(self.latest)  # the pairs whose deployment row exists
         self.held_back = {}  # (release_id, device_id) -> the fields to write
 
-    def record(self, device, report: dict):
+    def record(self, device, report: wire.DeploymentReport):
         """Check one report of the batch and hold its write back; Rejected (nothing written) if it does not fit."""
-        release_id = report["release_id"]
-        if self.project_of.get(release_id) != report["project_id"]:
-            raise Rejected(f"release {release_id} of project {report['project_id']} does not exist")
+        release_id = report.release_id
+        if self.project_of.get(release_id) != report.project_id:
+            raise Rejected(f"release {release_id} of project {report.project_id} does not exist")
         key = (release_id, device.id)
         if key not in self.targeted:
             raise Rejected(f"release {release_id} does not target device {device.id}")
         latest = self.latest.get(key)
-        if latest is not None and report["ts"] < latest["reported_at"]:
+        if latest is not None and report.ts < latest["reported_at"]:
             return  # QoS 1 may deliver late duplicates: older news never overwrites newer
-        fields = {"state": report["state"], "step": report["step"], "detail": report["detail"],
-                  "reported_at": report["ts"]}
+        fields = {"state": report.state, "step": report.step, "detail": report.detail,
+                  "reported_at": report.ts}
         if fields != latest:  # the same news again changes nothing, not even updated_at
             self.latest[key] = self.held_back[key] = fields
-        if report["state"] == "succeeded":
+        if report.state == "succeeded":
             self.store()
             self._supersede_others(device, release_id)
 
@@ -140,20 +140,20 @@ _STORE_STATUS = (
 )
 
 
-def record_status(device, status: dict):
+def record_status(device, status: wire.Status):
     db.session.connection().execute(_STORE_STATUS, {
-        "device_id": device.id, "online": status["state"] == "online", "seen": datetime.now(timezone.utc),
-        "agent_version": status.get("agent_version") or None,
+        "device_id": device.id, "online": status.state == "online", "seen": datetime.now(timezone.utc),
+        "agent_version": status.agent_version or None,
     })
 
 
 # Each handler is called with the device the topic names, as a row of its id and unit_id
 # (all any of them needs), and the decoded message; it writes in the caller's transaction.
 _HANDLERS = {
-    "deployments": (wire.deployment_report, None),  # recorded a batch at a time: see DeploymentReports
-    "status": (wire.status_message, record_status),
-    "telemetry": (wire.telemetry_batch, None),  # recorded by the logbook
-    "results": (wire.command_result, None),  # recorded by the commands
+    "deployments": (wire.DeploymentReport, None),  # recorded a batch at a time: see DeploymentReports
+    "status": (wire.Status, record_status),
+    "telemetry": (wire.TelemetryBatch, None),  # recorded by the logbook
+    "results": (wire.CommandResult, None),  # recorded by the commands
 }
 KINDS = tuple(_HANDLERS)
 

@@ -93,8 +93,8 @@ def messages_for(topics, seq: int) -> dict[tuple[str, int], bytes]:
         release_id = active.get((device_id, project_id))
         if (project_id, release_id) not in payloads:
             release = db.session.get(Release, release_id) if release_id is not None else None
-            document = {"seq": seq, "project_id": project_id, **(release_contents(release) if release else _NO_RELEASE)}
-            payloads[(project_id, release_id)] = wire.encode(wire.release_message, document)
+            contents = release_contents(release) if release else _NO_RELEASE
+            payloads[(project_id, release_id)] = wire.encode(wire.ReleaseMessage(seq=seq, project_id=project_id, **contents))
         messages[(unit_id, project_id)] = payloads[(project_id, release_id)]
     return messages
 
@@ -234,7 +234,7 @@ def flush(publish_many, limit: int = 20000, batch: int = 1000) -> int:
 
 
 def marker_payload(seq: int) -> bytes:
-    return wire.encode(wire.release_seq_marker, {"seq": seq})
+    return wire.encode(wire.ReleaseSeqMarker(seq=seq))
 
 
 def publish_marker(publish_many, written: int) -> int:
@@ -333,7 +333,7 @@ def read_marker(config, timeout: float = 10.0, grace: float = 2.0) -> int | None
     if not found or found[0] == b"":
         return None
     try:
-        return wire.decode(wire.release_seq_marker, found[0])["seq"]
+        return wire.decode(wire.ReleaseSeqMarker, found[0]).seq
     except wire.WireError as exc:
         log.error("ignoring a malformed release seq marker (taken as missing): %s", exc)
         return None

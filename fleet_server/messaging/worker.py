@@ -151,7 +151,7 @@ def publish_confirmations(client, messages, outcomes) -> int:
     for unit_id, ids in confirmations(messages, outcomes).items():
         for start in range(0, len(ids), wire.MAX_CONFIRMED_IDS):
             try:
-                payload = wire.confirmation_payload(ids[start:start + wire.MAX_CONFIRMED_IDS])
+                payload = wire.encode(wire.Confirmation(ids=ids[start:start + wire.MAX_CONFIRMED_IDS]))
             except wire.WireError as exc:  # an id the contract does not allow: the device resends, harmlessly
                 log.warning("cannot confirm reports of unit_id=%s: %s", unit_id, exc)
                 continue

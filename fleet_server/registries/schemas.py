@@ -4,7 +4,7 @@ from marshmallow import fields, validate
 from fleet_wire import REGISTRY_URL_PATTERN, check_registry_url
 
 from ..pagination import page_schema
-from ..schemas import StrictSchema
+from ..schemas import StrictSchema, wire_rule
 
 
 class RegistrySchema(StrictSchema):
@@ -12,7 +12,7 @@ class RegistrySchema(StrictSchema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200), metadata={"example": "private"})
     url = fields.String(
         required=True,
-        validate=[validate.Length(min=1, max=500), check_registry_url],
+        validate=[validate.Length(min=1, max=500), wire_rule(check_registry_url)],
         metadata={"example": "registry.example.com:5000", "pattern": REGISTRY_URL_PATTERN,
                   "description": "`[http(s)://]host[:port]`, as the agent accepts it: no credentials "
                                  "(use username and password), path, query or fragment."},

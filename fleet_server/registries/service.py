@@ -1,6 +1,8 @@
 """Registry operations, callable without HTTP, and the credentials a release document carries."""
 import logging
 
+import fleet_wire as wire
+
 from ..encryption import decrypt, encrypt
 from ..errors import Conflict, NotFound
 from ..extensions import db
@@ -75,13 +77,13 @@ def _topics_using(registry_id: int) -> list[tuple[str, int]]:
     return [tuple(row) for row in rows]
 
 
-def credentials_for(release: Release) -> list[dict]:
-    """The registries a release pulls from, decrypted, for that release's devices only (wire.RegistryCredentialsSchema)."""
+def credentials_for(release: Release) -> list[wire.RegistryCredentials]:
+    """The registries a release pulls from, decrypted, for that release's devices only."""
     wanted = sorted({c.registry_id for c in release.containers if c.registry_id is not None})
     if not wanted:
         return []
     registries = db.session.scalars(db.select(Registry).where(Registry.id.in_(wanted)).order_by(Registry.id))
     return [
-        {"id": r.id, "url": r.url, "username": r.username, "password": decrypt(r.password_encrypted)}
+        wire.RegistryCredentials(id=r.id, url=r.url, username=r.username, password=decrypt(r.password_encrypted))
         for r in registries
     ]

@@ -4,10 +4,11 @@ import shlex
 
 from marshmallow import ValidationError, fields, validate, validates
 
-from fleet_wire import WireError, check_bind, parse_environment
+from fleet_wire import (NETWORK_MODE_PATTERN, RESTART_POLICY_PATTERN, WireError, check_bind, check_environment_key,
+                        check_network_mode, check_restart_policy, parse_environment)
 
 from ..pagination import page_schema
-from ..schemas import PaginationArgs, StrictSchema
+from ..schemas import PaginationArgs, StrictSchema, wire_rule
 
 # Docker's reference grammar: an optional registry host[:port], then lower-case path components.
 _IMAGE = re.compile(
@@ -17,9 +18,6 @@ _IMAGE = re.compile(
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 # Docker's container name rule; kept short so the derived fully_qualified_name stays readable.
 _CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$")
-_RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:[0-9]{1,4})?)$")
-_NETWORK = re.compile(r"^(bridge|host|none|container:[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127})$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 SEED_EXAMPLE = {
     "version": "1.0.0",
@@ -81,8 +79,10 @@ class Environment(fields.Field):
         if isinstance(value, dict):
             words = []
             for key, item in value.items():
-                if not isinstance(key, str) or not _ENV_KEY.match(key):
-                    raise ValidationError(f"{key!r} is not a valid variable name")
+                try:
+                    check_environment_key(key)
+                except WireError as exc:
+                    raise ValidationError(str(exc)) from None
                 if isinstance(item, bool) or not isinstance(item, (str, int, float)):
                     raise ValidationError(f"{key}: the value must be a string or a number")
                 if "\x00" in str(item):
@@ -96,6 +96,8 @@ class Environment(fields.Field):
 
 
 class StartupParametersSchema(StrictSchema):
+    """The API's form of wire.StartupParameters (the structure a device receives), with the same checks."""
+
     environment = Environment(
         load_default="",
         metadata={
@@ -105,18 +107,18 @@ class StartupParametersSchema(StrictSchema):
         },
     )
     binds = fields.List(
-        fields.String(validate=check_bind, metadata={"example": "/srv/data:/data:rw"}),
+        fields.String(validate=wire_rule(check_bind), metadata={"example": "/srv/data:/data:rw"}),
         load_default=list,
         validate=validate.Length(max=100),
     )
     network_mode = fields.String(
         load_default=None, allow_none=True,
-        validate=validate.Regexp(_NETWORK, error="expected bridge, host, none or container:NAME"),
+        validate=wire_rule(check_network_mode), metadata={"pattern": NETWORK_MODE_PATTERN},
     )
     restart_policy = fields.String(
         load_default=None,
         allow_none=True,
-        validate=validate.Regexp(_RESTART, error="expected no, always, unless-stopped or on-failure[:N]"),
+        validate=wire_rule(check_restart_policy), metadata={"pattern": RESTART_POLICY_PATTERN},
     )
     privileged = fields.Boolean(load_default=False)
 

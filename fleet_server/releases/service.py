@@ -12,7 +12,8 @@ import re
 from flask import current_app
 from sqlalchemy.orm import selectinload
 
-from fleet_wire import release_policy
+import fleet_wire as wire
+from fleet_wire import fully_qualified_name, release_policy
 
 from ..errors import FleetError, Forbidden, NotFound
 from ..extensions import db
@@ -43,11 +44,6 @@ def _content_hash(project_id, data) -> str:
     }
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
-
-
-def fully_qualified_name(project_id: int, container_name: str) -> str:
-    """Stable across releases of a project, so a new release replaces the container in place."""
-    return f"deployment-{container_name}-{project_id}"
 
 
 def _resolve_devices(device_ids) -> list[tuple[str, str]]:
@@ -322,15 +318,18 @@ def release_contents(release: Release) -> dict:
     return {"release": release_document(release), "registries": credentials_for(release)}
 
 
-def release_document(release: Release) -> dict:
-    """The release as the device receives it (wire.ReleaseSpecSchema)."""
-    return {
-        "id": release.id,
-        "version": release.version,
-        "version_hash": release.version_hash,
-        "remove_containers": list(release.remove_containers),
-        "containers": [
-            {**_container_fields(c), "registry": c.registry_id, "fully_qualified_name": c.fully_qualified_name}
+def release_document(release: Release) -> wire.ReleaseSpec:
+    """The release as the device receives it."""
+    return wire.ReleaseSpec(
+        id=release.id,
+        version=release.version,
+        version_hash=release.version_hash,
+        remove_containers=list(release.remove_containers),
+        containers=[
+            wire.ContainerSpec(
+                name=c.name, image=c.image, tag=c.tag, required_tags=list(c.required_tags),
+                startup_parameters=wire.from_builtins(wire.StartupParameters, c.startup_parameters),
+                purge_data=c.purge_data, registry=c.registry_id, fully_qualified_name=c.fully_qualified_name)
             for c in release.containers
         ],
-    }
+    )
