@@ -138,7 +138,7 @@ def measure_ingest(tmp: Path, env: dict, engine, readings: int, batch_size: int,
     # the broker orders this subscription before the batches published after it.
     confirmations = wire.device_topic(unit_id, "confirmations")
     client.on_connect = lambda c, u, f, rc, p: rc.is_failure or (c.subscribe(confirmations, qos=1), connected.set())
-    client.on_message = lambda c, u, message: telemetry.confirm(wire.decode(wire.confirmation, message.payload)["ids"])
+    client.on_message = lambda c, u, message: telemetry.confirm(wire.decode(wire.Confirmation, message.payload).ids)
     host, port = env["FLEET_MQTT_URL"].removeprefix("mqtt://").split(":")
     client.connect(host, int(port))
     client.loop_start()

@@ -24,12 +24,13 @@ def test_a_report_goes_to_the_recorder_its_kind_is_registered_with(app):
         with app.app_context():
             unit_id = add_release_for_new_devices(1)["units"][0]
             command_id = "734c361a-ba56-472a-a891-ee2af1a80570"
-            payload = wire.encode(wire.command_result, {"id": command_id, "state": "running", "started_at": 1.0, "ts": 1.0})
+            payload = wire.encode(wire.from_builtins(
+                wire.CommandResult, {"id": command_id, "state": "running", "started_at": 1.0, "ts": 1.0}))
             assert ingest.handle_message(wire.device_topic(unit_id, "results"), payload)
     finally:
         from fleet_server.commands.service import record_result
         ingest.register("results", record_result)
-    assert [(unit, str(message["id"])) for unit, message in recorded] == [(unit_id, command_id)]
+    assert [(unit, str(message.id)) for unit, message in recorded] == [(unit_id, command_id)]
 
 
 def test_a_report_of_a_kind_nothing_records_is_rejected_naming_the_kind(app):
@@ -39,8 +40,8 @@ def test_a_report_of_a_kind_nothing_records_is_rejected_naming_the_kind(app):
         ingest.register("telemetry", None)
         with app.app_context():
             unit_id = add_release_for_new_devices(1)["units"][0]
-            payload = wire.encode(wire.telemetry_batch, {"batch_id": "0" * 32, "readings": [
-                {"field": "t", "type": "int", "value": 1, "ts": 1700000000.0}]})
+            payload = wire.encode(wire.from_builtins(wire.TelemetryBatch, {"batch_id": "0" * 32, "readings": [
+                {"field": "t", "type": "int", "value": 1, "ts": 1700000000.0}]}))
             reasons = ingest.store_batch([(wire.device_topic(unit_id, "telemetry"), payload)])
     finally:
         ingest.register("telemetry", record_telemetry)
@@ -49,16 +50,16 @@ def test_a_report_of_a_kind_nothing_records_is_rejected_naming_the_kind(app):
 
 def test_a_release_topic_carries_what_the_handed_builder_gives(app):
     outbox.init_app(app, release_contents=lambda release: {
-        "release": {"id": release.id, "version": "handed", "version_hash": "0badc0de", "containers": [],
-                    "remove_containers": []},
+        "release": wire.ReleaseSpec(id=release.id, version="handed", version_hash="0badc0de", containers=[],
+                                    remove_containers=[]),
         "registries": []})
     with app.app_context():
         fleet = add_release_for_new_devices(2)
         topics = [(unit_id, fleet["project"]) for unit_id in fleet["units"]] + [("gone", fleet["project"])]
         messages = outbox.messages_for(topics, seq=7)
         db.session.rollback()
-    document = wire.decode(wire.release_message, messages[topics[0]])
-    assert document["seq"] == 7 and document["release"]["version"] == "handed"
+    document = wire.decode(wire.ReleaseMessage, messages[topics[0]])
+    assert document.seq == 7 and document.release.version == "handed"
     assert messages[topics[1]] is messages[topics[0]]  # one document per release, however many devices
     assert messages[topics[2]] == b""  # a device no longer known: its retained topic is cleared
 
