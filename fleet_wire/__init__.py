@@ -59,7 +59,6 @@ from .messages import (  # noqa: F401
     ContainerSpec,
     decode,
     DeploymentReport,
-    DictForm,
     encode,
     from_builtins,
     Message,
@@ -88,9 +87,7 @@ from .commands import (  # noqa: F401
     MAX_COMMAND_ARGUMENTS_BYTES,
     MAX_COMMAND_ERROR,
     MAX_COMMAND_TIMEOUT,
-    command_message,
     command_rank,
-    command_result,
     CommandMessage,
     CommandResult,
 )

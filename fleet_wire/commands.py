@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .grammar import CommandName
-from .messages import DictForm, Message, check_free_form
+from .messages import Message, check_free_form
 
 #
 # The command message also carries MQTT v5 properties: ResponseTopic (the device's
@@ -65,6 +65,3 @@ class CommandResult(Message, frozen=True, kw_only=True):
         check_free_form("return", self.return_value)
 
 
-# The agent's command runner reads commands and writes results as dicts (see DictForm).
-command_message = DictForm(CommandMessage)
-command_result = DictForm(CommandResult)

@@ -150,13 +150,8 @@ _ENCODER = msgspec.json.Encoder()
 _DECODERS: dict[type, msgspec.json.Decoder] = {}
 
 
-def encode(message: msgspec.Struct, fields: dict | None = None) -> bytes:
-    """A message's payload, after checking it as the receiving side will (WireError names what is wrong).
-
-    `fields` is only for a DictForm caller (see DictForm): encode(kind, fields).
-    """
-    if isinstance(message, DictForm):
-        message = from_builtins(message.kind, fields)
+def encode(message: msgspec.Struct) -> bytes:
+    """A message's payload, after checking it as the receiving side will (WireError names what is wrong)."""
     try:
         payload = _ENCODER.encode(message)
     except (TypeError, ValueError, OverflowError) as exc:  # a lone surrogate among them (UnicodeEncodeError)
@@ -172,8 +167,6 @@ def encode(message: msgspec.Struct, fields: dict | None = None) -> bytes:
 
 def decode(kind: type[M], payload: bytes) -> M:
     """Parse and validate a payload into a `kind` message, by strict JSON's rules; WireError names what is wrong."""
-    if isinstance(kind, DictForm):
-        return msgspec.structs.asdict(decode(kind.kind, payload))
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     decoder = _DECODERS.get(kind)
@@ -236,15 +229,3 @@ def _refuse_unstorable(payload: bytes) -> None:
         load_json(payload)
     except UnstorableJSON as exc:
         raise WireError(f"payload refused: {exc}") from None
-
-
-class DictForm:
-    """A message kind read (`decode`) and written (`encode(kind, fields)`) as a dict of its fields.
-
-    Only for the agent's command runner, which handles commands and results as dicts until it
-    is moved to the Structs; everything else uses the Structs.
-    """
-
-    def __init__(self, kind: type[msgspec.Struct]):
-        self.kind = kind
-

@@ -194,9 +194,9 @@ class DeviceClient:
             self.connected.set()
 
     def _on_command(self, client, userdata, message):
-        command = wire.decode(wire.command_message, message.payload)
+        command = wire.decode(wire.CommandMessage, message.payload)
         self.report("results", wire.encode(wire.from_builtins(wire.CommandResult, {
-            "id": str(command["id"]), "state": "succeeded", "return": True, "error": None, "truncated": False,
+            "id": str(command.id), "state": "succeeded", "return": True, "error": None, "truncated": False,
             "started_at": time.time(), "finished_at": time.time(), "ts": time.time()})))
 
     def report(self, kind, payload: bytes):

@@ -116,7 +116,7 @@ def test_an_agent_never_sends_a_nan_a_command_returned_but_says_why_it_could_not
     try:
         body = {"id": str(uuid.uuid4()), "command": "test.nan", "arg": [], "kwarg": {}, "timeout": None,
                 "deadline": time.time() + 60}
-        runner.handle_message(None, Received("", wire.encode(wire.command_message, body)))
+        runner.handle_message(None, Received("", wire.encode(wire.from_builtins(wire.CommandMessage, body))))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not any(b'"succeeded"' in p for p in agent.client.payloads):
             time.sleep(0.01)

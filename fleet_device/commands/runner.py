@@ -160,22 +160,22 @@ class CommandRunner:
 
     def handle_message(self, where: wire.DeviceTopic, message: Received):
         """A command arrived (agent message thread): journal it, then hand it to a thread of its own."""
-        command = wire.decode(wire.command_message, message.payload)
-        command_id = str(command["id"])
+        command = wire.decode(wire.CommandMessage, message.payload)
+        command_id = str(command.id)
         if message.response_topic not in (None, self.results_topic):
             log.warning("command=%s asks for results on %s; they go to %s", command_id, message.response_topic,
                         self.results_topic)
         run = CommandRun(
             id=command_id,
-            name=command["command"],
-            arg=command["arg"],
-            kwarg=command["kwarg"],
-            timeout=command["timeout"] or registry.timeout_of(command["command"]),
-            deadline=command["deadline"],
+            name=command.command,
+            arg=command.arg,
+            kwarg=command.kwarg,
+            timeout=command.timeout or registry.timeout_of(command.command),
+            deadline=command.deadline,
             expires_monotonic=time.monotonic() + message.expires_in if message.expires_in is not None else None,
             correlation=message.correlation,
-            durable=not registry.is_read_only(command["command"]),
-            instant=registry.is_instant(command["command"]),
+            durable=not registry.is_read_only(command.command),
+            instant=registry.is_instant(command.command),
         )
         try:
             fresh = self.journal.accept(command_id, run.durable)
@@ -431,12 +431,12 @@ class CommandRunner:
     def _publish(self, result: dict, correlation: bytes | None, kept: bool):
         """Send a report; a final result `kept` in the journal stays there until the server confirms it."""
         try:
-            payload = wire.encode(wire.command_result, result)
+            payload = wire.encode(wire.from_builtins(wire.CommandResult, result))
         except wire.WireError as exc:  # a bug; the server must still hear that the command ended
             log.error("command=%s result does not fit the wire contract: %s", result["id"], exc)
             result = {**result, "return": None, "truncated": False, "error": _cap_error(f"unsendable result: {exc}")}
             try:
-                payload = wire.encode(wire.command_result, result)
+                payload = wire.encode(wire.from_builtins(wire.CommandResult, result))
             except wire.WireError:
                 return None
         info = self.mqtt.publish(self.results_topic, payload, qos=1, correlation=correlation or result["id"].encode())
