@@ -7,6 +7,8 @@ from sqlalchemy import event
 from . import __version__, config as fleet_config, extensions
 from . import all_models  # noqa: F401  (every model, so the metadata holds every table)
 from .commands.service import record_result
+from .deployments.reports import DeploymentReports
+from .devices.status import record_status
 from .errors import register_error_handlers
 from .http_security import register_security_headers
 from .json_rules import StrictJSONProvider
@@ -92,6 +94,8 @@ def _configure_sqlite(app):
 
 def register_report_handlers():
     """Hand the ingest dispatcher each feature's recorder of device reports."""
+    ingest.register_batch("deployments", DeploymentReports)
+    ingest.register("status", record_status)
     ingest.register("telemetry", record_telemetry)
     ingest.register("results", record_result)
 

@@ -13,8 +13,39 @@ from tests.support.stack import add_release_for_new_devices
 def test_a_feature_can_register_only_a_kind_of_report_devices_send():
     with pytest.raises(ValueError, match="'firmware'"):
         ingest.register("firmware", lambda device, message: None)
-    with pytest.raises(ValueError, match="'deployments'"):  # recorded a batch at a time by the dispatcher itself
-        ingest.register("deployments", lambda device, message: None)
+    with pytest.raises(ValueError, match="'firmware'"):
+        ingest.register_batch("firmware", object)
+
+
+def test_a_batch_recorder_gets_the_batch_s_reports_of_its_kind_together(app):
+    from fleet_server.deployments.reports import DeploymentReports
+
+    made, recorded, stored = [], [], []
+
+    class Recorder:
+        def __init__(self, reports):
+            made.append([str(report.release_id) for _device, report in reports])
+
+        def record(self, device, report):
+            recorded.append(device.unit_id)
+
+        def store(self):
+            stored.append(True)
+
+    try:
+        ingest.register_batch("deployments", Recorder)
+        with app.app_context():
+            fleet = add_release_for_new_devices(2)
+            report = {"project_id": fleet["project"], "release_id": fleet["release"], "version_hash": "0badc0de",
+                      "state": "queued", "ts": 1700000000.0}
+            payload = wire.encode(wire.from_builtins(wire.DeploymentReport, report))
+            reasons = ingest.store_batch([(wire.device_topic(unit_id, "deployments"), payload)
+                                          for unit_id in fleet["units"]])
+    finally:
+        ingest.register_batch("deployments", DeploymentReports)
+    assert reasons == [None, None]
+    assert made == [[str(fleet["release"])] * 2]  # one recorder for the batch, made from both reports
+    assert recorded == fleet["units"] and stored == [True]
 
 
 def test_a_report_goes_to_the_recorder_its_kind_is_registered_with(app):
