@@ -132,3 +132,11 @@ def test_the_demo_device_image_holds_the_agent_without_the_server(compose_stack)
         assert "ModuleNotFoundError" in imported.stderr, module
     served = project.run("exec", "-T", "device", "fleet-server", "--help", check=False)
     assert served.returncode == 1 and "needs the server extra" in served.stderr, served.stderr
+
+
+def test_the_api_image_holds_the_server_without_the_agent(compose_stack):
+    project, _api, _unit_id = compose_stack
+    assert project.run("exec", "-T", "api", "python3", "-c", "import fleet_server.app").returncode == 0
+    for module in ("fleet_device", "docker"):
+        imported = project.run("exec", "-T", "api", "python3", "-c", f"import {module}", check=False)
+        assert "ModuleNotFoundError" in imported.stderr, module
