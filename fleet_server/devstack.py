@@ -255,6 +255,9 @@ A component that exits is restarted. Ctrl-C stops everything.
 
 def run() -> int:
     logging.basicConfig(level=logging.INFO)
+    # Ctrl-C is how the stack stops, even when started from a shell that runs background jobs with
+    # SIGINT ignored (Python then leaves it ignored, and so would every component it starts).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = Stack()
     try:
         stack.start()
