@@ -290,7 +290,7 @@ def _advance_update(state: str):
     if state in wire.FINAL_COMMAND_STATES:
         values.update({name: db.bindparam(name) for name in ("return_value", "error", "truncated", "finished_at")},
                       completed_at=now, next_attempt_at=None)
-    # The states are bound one by one, not as an expanding list, so the statement compiles once.
+    # The states it may move forward from are part of the statement: the parameters are only the report's values.
     return (
         db.update(Command.__table__)
         .where(_COLUMNS.id == db.bindparam("command_id"), _COLUMNS.device_id == db.bindparam("of_device"),
