@@ -1,4 +1,8 @@
-"""Core statements run straight on the DB-API connection, for the hottest reads and writes.
+"""Core statements run straight on the DB-API connection, for the device list and retrieve only.
+
+It is the one bypass of SQLAlchemy's execution on the server: `devices/service.py` alone
+uses it, and `tests/test_device_answers.py` checks that its answers equal the ORM's.
+Everything else runs through SQLAlchemy (`connection.execute` or the ORM).
 
 SQLAlchemy's execution path (an execution context, result processing, a Row per row)
 costs more than running a short indexed query on SQLite: for a page of 100 devices it was
@@ -29,58 +33,40 @@ def utc_timestamp(value) -> datetime:
 
 
 class _Compiled:
-    """A statement compiled for one dialect, with the bind processing of its typed parameters."""
+    """A statement compiled for one dialect."""
 
-    def __init__(self, statement: Executable, dialect, typed: bool):
+    def __init__(self, statement: Executable, dialect):
         self.compiled = statement.compile(dialect=dialect)
         if "POSTCOMPILE" in self.compiled.string:
             # Expanding IN lists and literal-rendered parameters need SQLAlchemy to run the statement.
             raise ValueError(f"statement needs SQLAlchemy's execution to run: {self.compiled.string}")
         self.string = self.compiled.string
-        self.processors = {}
-        if typed:
-            for bind, name in self.compiled.bind_names.items():
-                processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-                if processor is not None:
-                    self.processors[name] = processor
 
     def parameters(self, given: dict):
         values = self.compiled.construct_params(given)  # with the statement's own literals
-        for name, processor in self.processors.items():
-            values[name] = processor(values[name])
         if self.compiled.positional:
             return tuple(values[name] for name in self.compiled.positiontup)
         return values
 
 
 class DriverStatement:
-    """One Core statement: `rows(connection, parameters)` runs a query and returns the driver's tuples,
-    `run(connection, parameters)` runs a write and returns how many rows it matched.
+    """One Core query: `rows(connection, parameters)` runs it and returns the driver's tuples.
 
     Parameters are bound as given, without SQLAlchemy's bind processing: pass values every
-    driver takes as they are (str, int, float, bool, None). With `typed=True` they go through
-    the bind processing of their SQLAlchemy types first (timestamps, JSON, booleans), so the
-    database stores what SQLAlchemy's execution of the same statement would store.
+    driver takes as they are (str, int, float, bool, None).
     """
 
-    def __init__(self, statement: Executable, typed: bool = False):
+    def __init__(self, statement: Executable):
         self.statement = statement
-        self.typed = typed
         self._compiled = {}
 
     def _compile(self, dialect) -> _Compiled:
         compiled = self._compiled.get(dialect.name)
         if compiled is None:
-            compiled = self._compiled[dialect.name] = _Compiled(self.statement, dialect, self.typed)
+            compiled = self._compiled[dialect.name] = _Compiled(self.statement, dialect)
         return compiled
 
     def rows(self, connection: Connection, parameters: dict) -> list[tuple]:
-        return self._execute(connection, parameters, lambda cursor: cursor.fetchall())
-
-    def run(self, connection: Connection, parameters: dict) -> int:
-        return self._execute(connection, parameters, lambda cursor: cursor.rowcount)
-
-    def _execute(self, connection: Connection, parameters: dict, outcome):
         compiled = self._compile(connection.dialect)
         values = compiled.parameters(parameters)
         cursor = connection.connection.cursor()
@@ -88,7 +74,7 @@ class DriverStatement:
             cursor.execute(compiled.string, values)
             # Listeners (tracing, tests counting statements) see it as they see SQLAlchemy's own; no execution context.
             connection.dispatch.after_cursor_execute(connection, cursor, compiled.string, values, None, False)
-            return outcome(cursor)
+            return cursor.fetchall()
         except connection.dialect.loaded_dbapi.Error as exc:
             dialect = connection.dialect
             dropped = dialect.is_disconnect(exc, connection.connection.dbapi_connection, cursor)

@@ -58,17 +58,3 @@ def test_a_driver_error_is_raised_as_sqlalchemys_exception_so_an_outage_is_told_
     db.session.rollback()
     assert statement.rows(db.session.connection(), {"name": "a"}) == [("a",)]
 
-
-def test_a_typed_driver_statement_binds_through_the_sqlalchemy_types_and_reports_the_rows_it_changed(devices):
-    from datetime import datetime, timezone
-
-    seen = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
-    update = DriverStatement(
-        _device.update().where(_device.c.name == db.bindparam("named")).values(
-            last_seen_at=db.bindparam("seen"), tags=db.bindparam("tags"), online=db.bindparam("online")),
-        typed=True)
-    assert update.run(db.session.connection(), {"named": "b", "seen": seen, "tags": ["y", "é"], "online": True}) == 1
-    assert update.run(db.session.connection(), {"named": "nobody", "seen": seen, "tags": [], "online": False}) == 0
-    db.session.commit()
-    device = db.session.scalars(db.select(Device).filter_by(name="b")).one()
-    assert device.last_seen_at == seen and device.tags == ["y", "é"] and device.online is True

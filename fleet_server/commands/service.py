@@ -18,7 +18,6 @@ from flask import current_app
 import fleet_wire as wire
 
 from ..devices.service import get_device
-from ..driver_statements import DriverStatement
 from ..errors import NotFound, ValidationError
 from ..extensions import db
 from ..messaging.ingest import Rejected
@@ -39,24 +38,20 @@ EXPIRED_UNSENT = "the device did not receive the command before its TTL passed; 
 
 # Built once: building a statement costs more than running it, and nothing else should sit
 # between a command's creation and its publication.
-_UNIT_ID_OF = DriverStatement(db.select(Device.unit_id).where(Device.id == db.bindparam("device_pk")))
+_UNIT_ID_OF = db.select(Device.unit_id).where(Device.id == db.bindparam("device_pk"))
 # The columns a new command is stored with; the others start empty.
 _CREATED_COLUMNS = ("id", "device_id", "command", "arg", "kwarg", "timeout", "ttl", "state", "truncated",
                     "created_at", "expires_at", "published_at", "attempts", "next_attempt_at")
-_INSERT_COMMAND = DriverStatement(
-    db.insert(Command.__table__).values(
-        {name: db.bindparam(name, type_=Command.__table__.c[name].type) for name in _CREATED_COLUMNS}),
-    typed=True,  # stored as SQLAlchemy's execution stores them: timestamps, the JSON arguments, the flag
-)
+_INSERT_COMMAND = db.insert(Command.__table__).values(
+    {name: db.bindparam(name, type_=Command.__table__.c[name].type) for name in _CREATED_COLUMNS})
 
 
 def create_command(device_pk: str, data: dict) -> Command:
     """Store the command, publish it, and return it as it was created (not attached to the session)."""
     connection = db.session.connection()
-    found = _UNIT_ID_OF.rows(connection, {"device_pk": device_pk})
-    if not found:
+    unit_id = connection.execute(_UNIT_ID_OF, {"device_pk": device_pk}).scalar()
+    if unit_id is None:
         raise ValidationError("device_pk", f"device {device_pk} does not exist")
-    unit_id = found[0][0]
     size = len(json.dumps([data["arg"], data["kwarg"]], separators=(",", ":")))
     if size > wire.MAX_COMMAND_ARGUMENTS_BYTES:
         raise ValidationError("arg", f"arg and kwarg take {size} bytes; at most {wire.MAX_COMMAND_ARGUMENTS_BYTES}")
@@ -79,10 +74,10 @@ def create_command(device_pk: str, data: dict) -> Command:
         "attempts": 1,
         "next_attempt_at": now + retry_interval(1),
     }
-    # One INSERT on the driver rather than the ORM's unit of work, and no reload after the commit:
+    # One Core INSERT rather than the ORM's unit of work, and no reload after the commit:
     # nothing stands between the commit and the publication. The response shows the command
     # as it was created, whatever a worker stores meanwhile.
-    _INSERT_COMMAND.run(connection, row)
+    connection.execute(_INSERT_COMMAND, row)
     db.session.commit()
     command = Command(**row)  # the command as stored, for the publication and the answer; never flushed
     if not _publish_now(command, unit_id):
@@ -295,23 +290,23 @@ def _advance_update(state: str):
     if state in wire.FINAL_COMMAND_STATES:
         values.update({name: db.bindparam(name) for name in ("return_value", "error", "truncated", "finished_at")},
                       completed_at=now, next_attempt_at=None)
-    # Run on the driver (DriverStatement): the states are bound one by one, not as an expanding list.
-    return DriverStatement(
+    # The states it may move forward from are part of the statement: the parameters are only the report's values.
+    return (
         db.update(Command.__table__)
         .where(_COLUMNS.id == db.bindparam("command_id"), _COLUMNS.device_id == db.bindparam("of_device"),
                _COLUMNS.state.in_([db.literal(s, _COLUMNS.state.type) for s in earlier]))
-        .values(values),
-        typed=True,  # timestamps, the JSON return value and the flag stored as SQLAlchemy's execution stores them
+        .values(values)
     )
 
 
-# The usual report's only statement: run on the driver, it skips SQLAlchemy's execution, which cost more than it.
+# The usual report's only statement, built once per state.
 _ADVANCE = {state: _advance_update(state) for state in wire.COMMAND_REPORT_STATES}
 
 
 def _advance(device, command_id: str, report: wire.CommandResult) -> bool:
     """Store the report if it moves an unfinished command of this device forward; False if it does not."""
-    return _ADVANCE[report.state].run(db.session.connection(), _advance_parameters(device, command_id, report)) == 1
+    outcome = db.session.connection().execute(_ADVANCE[report.state], _advance_parameters(device, command_id, report))
+    return outcome.rowcount == 1
 
 
 def _advance_parameters(device, command_id: str, report: wire.CommandResult) -> dict:

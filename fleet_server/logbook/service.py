@@ -12,7 +12,6 @@ from sqlalchemy.exc import DBAPIError
 import fleet_wire as wire
 from fleet_wire import GEO_POINT, INTEGER_TYPES
 
-from ..driver_statements import DriverStatement
 from ..errors import ValidationError
 from ..extensions import db
 from ..models import Device
@@ -151,7 +150,7 @@ RAW_READ_SQL = {
 }
 # Built once, like every statement on a hot path.
 _RAW_READ_JOINED = text(RAW_READ_SQL["sqlite"])
-_RAW_READ_ROWS = DriverStatement(text(RAW_READ_SQL["postgresql"]))
+_RAW_READ_ROWS = text(RAW_READ_SQL["postgresql"])
 
 
 def _raw_json(args: dict, start: int, end: int) -> tuple[bool, str]:
@@ -160,7 +159,7 @@ def _raw_json(args: dict, start: int, end: int) -> tuple[bool, str]:
     parameters = {"device_id": args["device_id"], "field": args["field"], "field_type": args["field_type"],
                   "start": start, "end": end, "limit": MAX_RAW_READINGS + 1}
     if connection.dialect.name == "postgresql":
-        rows = _RAW_READ_ROWS.rows(connection, parameters)
+        rows = connection.execute(_RAW_READ_ROWS, parameters).all()
         count, entries = len(rows), ",".join([entry for entry, in rows])
     else:
         count, entries = connection.execute(_RAW_READ_JOINED, parameters).one()

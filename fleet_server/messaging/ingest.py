@@ -11,7 +11,6 @@ from typing import NamedTuple, Protocol
 
 import fleet_wire as wire
 
-from ..driver_statements import DriverStatement
 from ..extensions import db
 from ..models import Device
 
@@ -147,9 +146,8 @@ def _batch_recorders(devices, decoded) -> dict[str, BatchRecorder]:
 _device = Device.__table__
 _DEVICES_BY_UNIT_ID = db.select(_device.c.id, _device.c.unit_id).where(
     _device.c.unit_id.in_(db.bindparam("unit_ids", expanding=True)))
-# A quiet fleet's reports come one at a time: one device, read on the driver (DriverStatement).
-_DEVICE_BY_UNIT_ID = DriverStatement(db.select(_device.c.id, _device.c.unit_id).where(
-    _device.c.unit_id == db.bindparam("unit_id")))
+# A quiet fleet's reports come one at a time: one device, by a statement with no list to expand.
+_DEVICE_BY_UNIT_ID = db.select(_device.c.id, _device.c.unit_id).where(_device.c.unit_id == db.bindparam("unit_id"))
 
 
 class DeviceRow(NamedTuple):
@@ -163,7 +161,7 @@ def _devices(unit_ids: set) -> dict:
     """{unit_id: DeviceRow} of the devices that exist among `unit_ids`."""
     connection = db.session.connection()
     if len(unit_ids) == 1:
-        rows = _DEVICE_BY_UNIT_ID.rows(connection, {"unit_id": next(iter(unit_ids))})
+        rows = connection.execute(_DEVICE_BY_UNIT_ID, {"unit_id": next(iter(unit_ids))})
     else:
         rows = connection.execute(_DEVICES_BY_UNIT_ID, {"unit_ids": list(unit_ids)})
     return {unit_id: DeviceRow(device_id, unit_id) for device_id, unit_id in rows}
@@ -190,7 +188,4 @@ def _begin_writing():
     """
     connection = db.session.connection()
     if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:
-        _BEGIN_IMMEDIATE.run(connection, {})
-
-
-_BEGIN_IMMEDIATE = DriverStatement(db.text("BEGIN IMMEDIATE"))
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

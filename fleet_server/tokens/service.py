@@ -5,7 +5,6 @@ import secrets
 from datetime import datetime
 from typing import NamedTuple
 
-from ..driver_statements import DriverStatement, utc_timestamp
 from ..extensions import db
 from ..models import ApiToken, utcnow
 
@@ -28,22 +27,21 @@ def create(name: str, expires_at: datetime | None = None, role: str = "admin") -
 
 
 class AuthenticatedToken(NamedTuple):
-    """The columns of a valid token that a request needs, as its database driver hands them."""
+    """The columns of a valid token that a request needs."""
 
     id: int
     role: str
     token_hash: str
-    expires_at: object
-    revoked_at: object
+    expires_at: datetime | None
+    revoked_at: datetime | None
 
 
-# Read on every authenticated request: a Core statement on the table's columns, built once
-# and run on the driver, skips the ORM's entity loading and SQLAlchemy's result processing
-# (Core through SQLAlchemy took about four times as long as the query on the driver).
+# Read on every authenticated request: a Core statement on the table's columns, built once,
+# skips the ORM's entity loading.
 _api_token = ApiToken.__table__
-_TOKEN_BY_HASH = DriverStatement(db.select(
+_TOKEN_BY_HASH = db.select(
     _api_token.c.id, _api_token.c.role, _api_token.c.token_hash, _api_token.c.expires_at, _api_token.c.revoked_at
-).where(_api_token.c.token_hash == db.bindparam("token_hash")))
+).where(_api_token.c.token_hash == db.bindparam("token_hash"))
 
 
 def authenticate(value: str) -> AuthenticatedToken | None:
@@ -53,13 +51,13 @@ def authenticate(value: str) -> AuthenticatedToken | None:
     effect on the very next request, in every server process.
     """
     digest = _digest(value)
-    rows = _TOKEN_BY_HASH.rows(db.session.connection(), {"token_hash": digest})
-    if not rows:
+    row = db.session.connection().execute(_TOKEN_BY_HASH, {"token_hash": digest}).first()
+    if row is None:
         return None
-    token = AuthenticatedToken._make(rows[0])
+    token = AuthenticatedToken._make(row)
     if not hmac.compare_digest(token.token_hash, digest):
         return None
-    if token.revoked_at is not None or (token.expires_at is not None and utc_timestamp(token.expires_at) <= utcnow()):
+    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= utcnow()):
         return None
     return token
 
