@@ -1,7 +1,7 @@
 """DriverStatement runs a Core statement on the session's DB-API connection, on SQLite and on PostgreSQL."""
 import pytest
 
-from fleet_server.driver_statements import DriverStatement
+from fleet_server.devices.driver_statements import DriverStatement
 from fleet_server.extensions import db
 from fleet_server.models import Device
 

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 import msgspec
 from marshmallow import fields, validate
 
-from ..driver_statements import utc_timestamp
+from .driver_statements import utc_timestamp
 from ..pagination import page_schema
 from ..schemas import PaginationArgs, StrictSchema
 

@@ -3,7 +3,7 @@ import functools
 import logging
 
 from .. import broker_accounts
-from ..driver_statements import DriverStatement
+from .driver_statements import DriverStatement
 from ..errors import Conflict, NotFound
 from ..extensions import db
 from ..messaging import outbox
