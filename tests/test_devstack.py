@@ -1,4 +1,5 @@
 """`make run`'s stack, on its own ports and var dir: a release made with plain HTTP reaches a container here."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,11 +33,18 @@ def devstack(tmp_path, docker_client):
         eventually(lambda: (var / "admin-token").exists() and _up(ports), 60, message="the devstack to come up")
         yield {"var": var, "env": env, **ports, "process": process, "output": output}
     finally:
+        # Each component runs in a session of its own, which killpg misses; the command line tells a
+        # component that outlived the stop from a process that took its pid since.
+        components = {pid: _cmdline(pid) for pid in _components(process.pid).values()}
         process.send_signal(signal.SIGINT)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        for pid, cmdline in components.items():
+            if cmdline and _cmdline(pid) == cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         unit_id = (var / "device" / "unit_id").read_text().strip()
         for container in docker_client.containers.list(all=True, filters={"label": f"fleet.unit_id={unit_id}"}):
             container.remove(force=True)
@@ -96,6 +104,13 @@ def test_rerunning_the_devstack_keeps_its_token_and_device(devstack):
     finally:
         again.send_signal(signal.SIGINT)
         again.wait(60)
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
 
 
 def _components(devstack_pid: int) -> dict[str, int]:
