@@ -74,6 +74,12 @@ class TreeAdapter:
     def decode_release(self, payload: bytes):
         return self.wire.decode(self.release_type, payload)
 
+    @staticmethod
+    def paho_client(agent):
+        """The agent's paho client: behind its MQTT session object (`agent.mqtt`) or, in older trees, its own."""
+        session = getattr(agent, "mqtt", None)
+        return session.client if session is not None else agent.client
+
     def release_topic(self, unit_id: str, project_id: int) -> str:
         return self.wire.release_topic(unit_id, project_id)
 
@@ -133,16 +139,17 @@ def handling_cpu(tree: TreeAdapter, payloads: dict[int, bytes], port: int, state
     """Thread CPU of the agent's handling of each release message received through the broker."""
     unit_id = str(uuid.uuid4())
     agent = tree.agent(unit_id, port, state_dir)
+    client = tree.paho_client(agent)
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = agent.config.session_expiry
-    agent.client.connect("127.0.0.1", port, keepalive=600, clean_start=False, properties=properties)
+    client.connect("127.0.0.1", port, keepalive=600, clean_start=False, properties=properties)
     deadline = time.monotonic() + budget
     while not agent.connected.is_set():  # CONNACK, then the agent's subscriptions
-        agent.client.loop(0.05)
+        client.loop(0.05)
         if time.monotonic() > deadline:
             raise SystemExit("the agent did not connect within the budget")
     for _ in range(20):  # let the SUBACKs and start-up status go out and come back
-        agent.client.loop(0.02)
+        client.loop(0.02)
 
     publisher = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
                             client_id=f"release-cpu-{uuid.uuid4().hex[:6]}")
@@ -156,7 +163,7 @@ def handling_cpu(tree: TreeAdapter, payloads: dict[int, bytes], port: int, state
         while handled < len(payloads):
             if time.monotonic() > deadline:
                 raise SystemExit(f"the agent handled {handled} of {len(payloads)} releases within the budget")
-            agent.client.loop_read()
+            client.loop_read()
             while True:
                 try:
                     message = agent.inbox.get_nowait()
@@ -168,8 +175,8 @@ def handling_cpu(tree: TreeAdapter, payloads: dict[int, bytes], port: int, state
                 if "/releases/" in message.topic:
                     spent += elapsed
                     handled += 1
-            if agent.client.want_write():
-                agent.client.loop_write()
+            if client.want_write():
+                client.loop_write()
         if agent.rejected != rejected_before:
             raise SystemExit(f"the agent rejected {agent.rejected - rejected_before} release messages")
         return {"messages": handled, "cpu_ms_per_message": round(1000 * spent / handled, 4)}
@@ -177,7 +184,7 @@ def handling_cpu(tree: TreeAdapter, payloads: dict[int, bytes], port: int, state
         publisher.disconnect()
         publisher.loop_stop()
         agent.stopping.set()
-        agent.client.disconnect()
+        client.disconnect()
 
 
 def decoding_cpu(tree: TreeAdapter, payloads: list[bytes], repeats: int) -> dict:

@@ -200,8 +200,8 @@ def load_rows(engine, database: str, stored: int, layout: str, devices: int = 20
 
     def row(device_id, n):
         # Rows exactly as the worker stores them (including the rendered entry of a raw read).
-        reading = {"field": "obd.bat.voltage", "type": "double", "ts": (START_US + n * 10_000_000) / 1e6,
-                   "value": 12.0 + (n % 100) / 100}
+        reading = wire.Reading(field="obd.bat.voltage", type="double", ts=(START_US + n * 10_000_000) / 1e6,
+                               value=12.0 + (n % 100) / 100)
         return service.reading_row(device_id, reading)
 
     if layout == "interleaved":
